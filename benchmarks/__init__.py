@@ -1,0 +1,1 @@
+"""Benchmarks: speed measurements (and, later, tasks and metrics)."""

@@ -1,0 +1,792 @@
+"""Adapters for Hugging Face ``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalGeneration``.
+
+An adapter knows where each stage lives in its architecture and installs per-instance, reversible hooks:
+
+* ``vision``: the forward of chosen ViT encoder layers is replaced on the instance by one that runs the
+  same attention (plus proportional attention ``log(size)`` as an additive mask) and MLP, with the
+  plugin's merge in between; merge sizes and each token's first patch are tracked.
+* ``visual``: ``get_image_features`` is wrapped on the instance to capture the CLS attention / keys of the
+  requested ViT layers; the base model's ``forward`` is wrapped to let plugins select per image, then
+  rewrite the sequence (placeholders per sample, padding, position ids) so the LLM really receives fewer
+  tokens — exactly what a model simply fed the kept tokens would see.
+* ``llm`` / ``attention``: forward pre-hooks on the decoder layers gather hidden states, ``(cos, sin)``,
+  position ids and the mask to the kept positions (original position ids are kept, as in FastV), and add
+  attention biases. Later layers hold shorter KV caches; decode steps gather the mask's key columns.
+
+Image tokens are found from ``config.image_token_id``; each image is one contiguous run of placeholders.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..attention import llm_attention_rows, vit_cls_attention
+from ..errors import CompositionError, MmtokenError
+from ..plugin import LLMContext, LLMDrop, Plugin, VisionContext
+from ..tokens import Selection, VisualRequest, VisualTokens
+
+
+# ---------------------------------------------------------------------------------------------------
+# small tensor helpers
+
+
+def placeholder_runs(ids_row: Tensor, token_id: int) -> list[tuple[int, int]]:
+    """``[(start, length), ...]`` of the contiguous runs of ``token_id`` in a 1-D id tensor."""
+    m = (ids_row == token_id).to(torch.int8)
+    if not bool(m.any()):
+        return []
+    d = torch.diff(m, prepend=m.new_zeros(1), append=m.new_zeros(1))
+    starts = (d == 1).nonzero().flatten().tolist()
+    ends = (d == -1).nonzero().flatten().tolist()
+    return [(s, e - s) for s, e in zip(starts, ends)]
+
+
+def pad_index_lists(lists: list[Tensor], side: str = "left") -> tuple[Tensor, Tensor]:
+    """Stack index lists of different lengths into ``[B, Lmax]``; returns ``(index, dummy)`` where dummy
+    slots (padding, on ``side``) repeat a valid index and are flagged True."""
+    lmax = max(int(x.numel()) for x in lists)
+    device = lists[0].device
+    idx = torch.zeros(len(lists), lmax, dtype=torch.long, device=device)
+    dummy = torch.zeros(len(lists), lmax, dtype=torch.bool, device=device)
+    for b, x in enumerate(lists):
+        n = int(x.numel())
+        fill = x[0] if n else torch.zeros((), dtype=torch.long, device=device)
+        if side == "left":
+            idx[b, : lmax - n] = fill
+            idx[b, lmax - n :] = x
+            dummy[b, : lmax - n] = True
+        else:
+            idx[b, :n] = x
+            idx[b, n:] = fill
+            dummy[b, n:] = True
+    return idx, dummy
+
+
+def gather_seq(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[b, idx[b, j], ...]`` for ``x`` of shape ``[B or 1, L, ...]``."""
+    x = x.expand(idx.shape[0], *x.shape[1:])
+    shape = idx.shape + x.shape[2:]
+    view = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(shape)
+    return x.gather(1, view)
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean ``allowed`` -> float mask with 0 where allowed and the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# state
+
+
+@dataclass
+class LayerPlan:
+    """Which LLM-input positions a decoder layer holds in its KV cache (``None`` = all of them)."""
+
+    idx: Tensor | None
+    dummy: Tensor | None
+
+
+@dataclass
+class SeqPlan:
+    """What a prefill did to the sequence, kept for the decode steps that continue its cache."""
+
+    orig_len: int  # length of the attention mask generate() keeps (original placeholders)
+    new_mask: Tensor  # [B, L0] mask of the sequence the LLM really received
+    shift: Tensor  # [B] original real tokens minus received real tokens
+    layers: dict[int, LayerPlan] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """State of one forward pass through the LLM."""
+
+    mode: str  # "prefill" | "decode" | "off"
+    image_mask: Tensor | None = None  # [B, L0]
+    valid: Tensor | None = None  # [B, L0]
+    idx: Tensor | None = None  # [B, L'] current positions (LLM-input coordinates)
+    dummy: Tensor | None = None  # [B, L']
+    plan: SeqPlan | None = None
+    rows: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (probs mean, queries)
+    step_mask2d: Tensor | None = None  # decode: the 2D mask of this step (LLM coordinates)
+    counts: dict[int, list[int]] = field(default_factory=dict)  # layer -> visual tokens per sample
+
+
+@dataclass
+class VisionState:
+    sizes: Tensor | None = None
+    pos: Tensor | None = None
+    keys: Tensor | None = None
+    cls_inputs: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # layer -> (h, bias)
+
+
+@dataclass
+class ImageMeta:
+    """Geometry of one image's projected features, keyed by the feature tensor's identity."""
+
+    n_content: int
+    content_pos: Tensor  # [T] position of each content token in the packed feature tensor
+    segment: Tensor
+    row: Tensor
+    col: Tensor
+    grid: tuple[int, int]
+    crop_grid: tuple[int, int] | None
+    sizes: Tensor
+    vision_features: Tensor  # [T, Dv]
+    cls_attn: dict[int, Tensor]
+    cls_logits: dict[int, Tensor]
+    keys: dict[int, Tensor]
+    packed_row: Tensor | None = None  # [T] row of the hi-res grid (AnyRes crops), -1 for base tokens
+    newline: Tensor | None = None  # [D] the newline embedding (AnyRes)
+
+
+@dataclass
+class Stats:
+    """What the last forward pass did: visual tokens per sample entering each LLM layer, and per image."""
+
+    image_tokens_in: list[int] = field(default_factory=list)  # per image, before any visual plugin
+    image_tokens_out: list[int] = field(default_factory=list)  # per image, entering the LLM
+    llm_visual_tokens: dict[int, list[int]] = field(default_factory=dict)  # layer -> per sample
+    vision_tokens: list[int] = field(default_factory=list)  # per ViT layer output (first image)
+
+
+class _Undo:
+    def __init__(self) -> None:
+        self._actions: list[Callable[[], None]] = []
+
+    def hook(self, handle: Any) -> None:
+        self._actions.append(handle.remove)
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        had = name in obj.__dict__
+        old = obj.__dict__.get(name)
+        setattr(obj, name, value)
+
+        def undo() -> None:
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+
+        self._actions.append(undo)
+
+    def run(self) -> None:
+        while self._actions:
+            self._actions.pop()()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class LlavaAdapter:
+    """Stage hooks for ``LlavaForConditionalGeneration`` (one image = one grid of patch tokens)."""
+
+    model_classes: tuple[str, ...] = ("LlavaForConditionalGeneration",)
+    anyres = False
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.base = model.model
+        self.lm = self.base.language_model
+        self.layers = self.lm.layers
+        self.vit = self.base.vision_tower
+        self.vit_layers = self.vit.encoder.layers
+        self.config = model.config
+        self.image_token_id = int(self.config.image_token_id)
+        vc = self.config.vision_config
+        self.patch_grid = (vc.image_size // vc.patch_size, vc.image_size // vc.patch_size)
+        self.plugins: list[Plugin] = []
+        self.stats = Stats()
+        self._undo = _Undo()
+        self._run: RunState = RunState(mode="off")
+        self._plans: dict[int, tuple[weakref.ref, SeqPlan]] = {}
+        self._meta: dict[int, ImageMeta] = {}
+        self._vstate = VisionState()
+        self._request = VisualRequest()
+
+    # -- properties of the model ----------------------------------------------------------------
+    @property
+    def n_llm_layers(self) -> int:
+        return len(self.layers)
+
+    def feature_layer(self) -> int:
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise MmtokenError("mmtoken supports a single vision_feature_layer (an int)")
+        return layer
+
+    def vit_used_layers(self) -> int:
+        """ViT layers whose output reaches the projector (all layers up to the feature layer)."""
+        n = len(self.vit_layers)
+        fl = self.feature_layer()
+        return fl + 1 + n if fl < 0 else fl
+
+    def _vit_index(self, layer: int) -> int:
+        n = len(self.vit_layers)
+        idx = layer + n if layer < 0 else layer
+        if not 0 <= idx < n:
+            raise MmtokenError(f"ViT layer {layer} out of range for a {n}-layer vision tower")
+        return idx
+
+    def has_cls(self) -> bool:
+        return self.config.vision_feature_select_strategy == "default"
+
+    # -- install / remove -----------------------------------------------------------------------
+    def install(self, plugins: list[Plugin]) -> None:
+        self.plugins = plugins
+        by_stage = {s: [p for p in plugins if s in p.stages] for s in ("vision", "visual", "llm", "attention", "decode")}
+        self._visual = by_stage["visual"]
+        self._llm = by_stage["llm"]
+        self._attn = by_stage["attention"]
+        req = VisualRequest()
+        for p in self._visual:
+            req = req.merge(p.visual_request())
+        self._request = req
+        for layer in req.layers():
+            self._vit_index(layer)
+        if (self._visual or by_stage["vision"]) and not self.has_cls():
+            needs_cls = bool(req.cls_attn or req.cls_logits) or bool(by_stage["vision"])
+            if needs_cls:
+                raise CompositionError(
+                    "this vision tower's features carry no CLS token (vision_feature_select_strategy='full'); "
+                    "CLS-attention plugins need the 'default' strategy"
+                )
+        self._install_vision(by_stage["vision"])
+        self._undo.set_attr(self.base, "get_image_features", self._wrap_get_image_features(self.base.get_image_features))
+        self._undo.set_attr(self.base, "forward", self._wrap_forward(self.base.forward))
+        self._install_llm()
+        gen = self.model.generate
+        for p in by_stage["decode"]:
+            gen = p.wrap_generate(gen, self.model)
+        if by_stage["decode"]:
+            self._undo.set_attr(self.model, "generate", gen)
+
+    def remove(self) -> None:
+        self._undo.run()
+        self._plans.clear()
+        self._meta.clear()
+        self._run = RunState(mode="off")
+
+    # -- vision stage ---------------------------------------------------------------------------
+    def _install_vision(self, plugins: list[Plugin]) -> None:
+        n_used = self.vit_used_layers()
+        vc = self.config.vision_config
+        n_tokens = self.patch_grid[0] * self.patch_grid[1] + 1
+        per_layer: dict[int, list[Plugin]] = {}
+        for p in plugins:
+            for layer in p.vision_layers(n_used, n_tokens):
+                if not 0 <= layer < n_used:
+                    raise CompositionError(f"{p.name}: ViT layer {layer} is not used by this model (0..{n_used - 1})")
+                per_layer.setdefault(layer, []).append(p)
+        if not per_layer:
+            return
+        merge_layers = sorted(per_layer)
+        last_merge = merge_layers[-1]
+        for layer in self._request.layers():
+            if self._vit_index(layer) <= last_merge:
+                raise CompositionError(
+                    f"a visual plugin reads ViT layer {layer}, but a vision plugin merges tokens up to layer "
+                    f"{last_merge}; its attention would not line up with the merged features"
+                )
+        adapter = self
+
+        def reset(_module: Any, _args: Any) -> None:
+            adapter._vstate = VisionState()
+
+        self._undo.hook(self.vit.register_forward_pre_hook(reset))
+        first = min(merge_layers)
+        heads = vc.num_attention_heads
+        for i, layer in enumerate(self.vit_layers[:n_used]):
+            if i < first:
+                continue
+            here = per_layer.get(i, [])
+            self._undo.set_attr(layer, "forward", types.MethodType(_make_vit_layer_forward(adapter, i, n_used, here, heads), layer))
+
+    # -- visual stage: capture ------------------------------------------------------------------
+    def _wrap_get_image_features(self, orig: Callable) -> Callable:
+        adapter = self
+
+        @functools.wraps(orig)
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            captures: dict[int, dict[str, Tensor]] = {}
+            handles = []
+            req = adapter._request
+            for layer in req.layers():
+                i = adapter._vit_index(layer)
+                attn = adapter.vit_layers[i].self_attn
+
+                def pre(mod: Any, a: Any, kw: Any, _i: int = i) -> None:
+                    h = a[0] if a else kw["hidden_states"]
+                    captures[_i] = {"h": h, "bias": kw.get("attention_mask")}
+
+                handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+            proj_in: list[Tensor] = []
+            handles.append(adapter.base.multi_modal_projector.register_forward_pre_hook(lambda m, a: proj_in.append(a[0])))
+            try:
+                out = orig(*args, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            sig = inspect.signature(orig).bind_partial(*args, **kwargs).arguments
+            adapter._record_meta(out, proj_in[-1] if proj_in else None, captures, sig.get("image_sizes"))
+            return out
+
+        return get_image_features
+
+    def _cls_tables(self, captures: dict[int, dict[str, Tensor]]) -> tuple[dict, dict, dict]:
+        """Per requested layer, ``[N_views, T]`` CLS attention / logits and ``[N_views, T, D]`` keys
+        (CLS column dropped)."""
+        attn_t, logit_t, key_t = {}, {}, {}
+        req = self._request
+        for layer in req.layers():
+            i = self._vit_index(layer)
+            cap = captures[i]
+            attn_mod = self.vit_layers[i].self_attn
+            with torch.no_grad():
+                if layer in req.cls_attn or layer in req.cls_logits:
+                    probs, logits = vit_cls_attention(attn_mod, cap["h"], cap["bias"])
+                    attn_t[layer] = probs.mean(1)[:, 1:]
+                    logit_t[layer] = logits.mean(1)[:, 1:]
+                if layer in req.keys:
+                    key_t[layer] = attn_mod.k_proj(cap["h"])[:, 1:]
+        return attn_t, logit_t, key_t
+
+    def _record_meta(self, out: Any, proj_in: Tensor | None, captures: dict, image_sizes: Any) -> None:
+        self._meta.clear()
+        feats = list(out.pooler_output)
+        attn_t, logit_t, key_t = self._cls_tables(captures)
+        vs = self._vstate
+        h, w = self.patch_grid
+        for i, f in enumerate(feats):
+            t = f.shape[0]
+            if vs.pos is not None:
+                pos = vs.pos[i, 1:] if self.has_cls() else vs.pos[i]
+                sizes = vs.sizes[i, 1:] if self.has_cls() else vs.sizes[i]
+            else:
+                pos = torch.arange(t, device=f.device)
+                sizes = torch.ones(t, device=f.device)
+            self._meta[id(f)] = ImageMeta(
+                n_content=t,
+                content_pos=torch.arange(t, device=f.device),
+                segment=torch.zeros(t, dtype=torch.long, device=f.device),
+                row=pos // w,
+                col=pos % w,
+                grid=(h, w),
+                crop_grid=None,
+                sizes=sizes.float(),
+                vision_features=proj_in[i] if proj_in is not None else f,
+                cls_attn={k: v[i] for k, v in attn_t.items()},
+                cls_logits={k: v[i] for k, v in logit_t.items()},
+                keys={k: v[i] for k, v in key_t.items()},
+            )
+
+    def _tokens_of(self, feat: Tensor) -> tuple[VisualTokens, ImageMeta]:
+        meta = self._meta.get(id(feat))
+        if meta is None:
+            raise MmtokenError(
+                "visual-stage plugins need the image features computed by this model's get_image_features "
+                "(pass pixel_values, not precomputed mm_encoder_outputs)"
+            )
+        cp = meta.content_pos
+        tokens = VisualTokens(
+            features=feat[cp],
+            vision_features=meta.vision_features,
+            segment=meta.segment,
+            row=meta.row,
+            col=meta.col,
+            grid=meta.grid,
+            crop_grid=meta.crop_grid,
+            sizes=meta.sizes,
+            cls_attn=meta.cls_attn,
+            cls_logits=meta.cls_logits,
+            keys=meta.keys,
+            project=self.base.multi_modal_projector,
+            vit_heads=self.config.vision_config.num_attention_heads,
+        )
+        return tokens, meta
+
+    def _select(self, feat: Tensor) -> Tensor:
+        """Run the visual plugins on one image's features; returns the features the LLM receives."""
+        tokens, meta = self._tokens_of(feat)
+        alive = torch.arange(len(tokens), device=feat.device)
+        extras: list[Tensor] = []
+        for p in self._visual:
+            sel: Selection = p.select(tokens)
+            keep = sel.keep.to(feat.device).long()
+            if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= len(tokens)):
+                raise MmtokenError(f"{p.name}: selected index out of range")
+            keep, order = torch.sort(keep)
+            alive = alive[keep]
+            tokens = tokens.subset(keep)
+            if sel.replace is not None:
+                tokens.features = sel.replace[order].to(feat.dtype)
+            if sel.extra is not None:
+                extras.append(sel.extra.to(feat.dtype))
+            if sel.extra_vision is not None:
+                with torch.no_grad():
+                    extras.append(self.base.multi_modal_projector(sel.extra_vision.unsqueeze(0))[0].to(feat.dtype))
+        return self._assemble(tokens.features, meta, alive, extras)
+
+    def _assemble(self, kept: Tensor, meta: ImageMeta, alive: Tensor, extras: list[Tensor]) -> Tensor:
+        return torch.cat([kept] + extras, dim=0)
+
+    # -- the base model's forward: sequence rewriting, decode translation -----------------------
+    def _wrap_forward(self, orig: Callable) -> Callable:
+        adapter = self
+        sig = inspect.signature(orig)
+
+        @functools.wraps(orig)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            a = dict(bound.arguments)
+            extra = a.pop("kwargs", {})
+            a.update(extra)
+            return adapter._forward(orig, a)
+
+        return forward
+
+    def _forward(self, orig: Callable, a: dict[str, Any]) -> Any:
+        cache = a.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            return self._decode_forward(orig, a, cache)
+        ids = a.get("input_ids")
+        pixel_values = a.get("pixel_values")
+        mm = a.get("mm_encoder_outputs") or {}
+        if pixel_values is not None and (not hasattr(pixel_values, "numel") or pixel_values.numel() > 0):
+            kw = {"pixel_values": pixel_values}
+            for name in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy"):
+                if a.get(name) is not None:
+                    kw[name] = a[name]
+            kw["return_dict"] = True
+            mm = dict(mm)
+            mm["image"] = self.base.get_image_features(**kw)
+            a["pixel_values"] = None
+            a["mm_encoder_outputs"] = mm
+        image_out = mm.get("image")
+        feats = list(image_out.pooler_output) if image_out is not None else []
+        self.stats = Stats(image_tokens_in=[int(f.shape[0]) for f in feats])
+        new_feats = [self._select(f) for f in feats] if self._visual else feats
+        self.stats.image_tokens_out = [int(f.shape[0]) for f in new_feats]
+        attention_mask = a.get("attention_mask")
+        plan = None
+        if feats:
+            if ids is None:
+                if any(n.shape[0] != f.shape[0] for n, f in zip(new_feats, feats)) or self._llm:
+                    raise MmtokenError("mmtoken needs input_ids (not inputs_embeds) to locate image tokens")
+            else:
+                plan = self._rewrite(a, ids, attention_mask, feats, new_feats)
+                image_out.pooler_output = new_feats
+        ids = a.get("input_ids")
+        if ids is not None:
+            image_mask = ids == self.image_token_id
+        else:
+            image_mask = torch.zeros(a["inputs_embeds"].shape[:2], dtype=torch.bool, device=a["inputs_embeds"].device)
+        am = a.get("attention_mask")
+        valid = am.bool() if am is not None and am.dim() == 2 else torch.ones_like(image_mask)
+        if plan is None:
+            plan = SeqPlan(orig_len=image_mask.shape[1], new_mask=valid.long(), shift=torch.zeros(image_mask.shape[0], dtype=torch.long, device=image_mask.device))
+        self._run = RunState(mode="prefill", image_mask=image_mask, valid=valid, plan=plan)
+        try:
+            out = orig(**a)
+        finally:
+            run, self._run = self._run, RunState(mode="off")
+            if image_out is not None:
+                image_out.pooler_output = feats
+        self.stats.llm_visual_tokens = run.counts
+        out_cache = getattr(out, "cache", None)
+        if out_cache is not None:
+            self._remember(out_cache, plan)
+        return out
+
+    def _rewrite(self, a: dict, ids: Tensor, attention_mask: Tensor | None, feats: list[Tensor], new_feats: list[Tensor]) -> SeqPlan | None:
+        """Give each image as many placeholders as it now has tokens, per sample, keeping the padding side."""
+        b, l = ids.shape
+        am = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        runs = [placeholder_runs(ids[i], self.image_token_id) for i in range(b)]
+        n_runs = sum(len(r) for r in runs)
+        if n_runs != len(feats):
+            raise MmtokenError(
+                f"found {n_runs} runs of image tokens (config.image_token_id={self.image_token_id}) for "
+                f"{len(feats)} images; each image needs its own contiguous run of placeholders"
+            )
+        lengths = [length for r in runs for (_, length) in r]
+        if all(n.shape[0] == length for n, length in zip(new_feats, lengths)):
+            return None
+        right_padded = bool((am[:, -1] == 0).any()) and bool((am[:, 0] == 1).all())
+        rows, k = [], 0
+        for i in range(b):
+            row_ids: list[Tensor] = []
+            cursor = 0
+            for start, length in runs[i]:
+                row_ids.append(ids[i, cursor:start][am[i, cursor:start].bool()])
+                row_ids.append(torch.full((new_feats[k].shape[0],), self.image_token_id, dtype=ids.dtype, device=ids.device))
+                cursor = start + length
+                k += 1
+            row_ids.append(ids[i, cursor:][am[i, cursor:].bool()])
+            rows.append(torch.cat(row_ids))
+        lmax = max(int(r.numel()) for r in rows)
+        pad_id = self.config.text_config.pad_token_id
+        pad_id = int(pad_id) if pad_id is not None else 0
+        new_ids = torch.full((b, lmax), pad_id, dtype=ids.dtype, device=ids.device)
+        new_mask = torch.zeros((b, lmax), dtype=am.dtype, device=am.device)
+        for i, r in enumerate(rows):
+            n = r.numel()
+            sl = slice(0, n) if right_padded else slice(lmax - n, lmax)
+            new_ids[i, sl] = r
+            new_mask[i, sl] = 1
+        a["input_ids"] = new_ids
+        if attention_mask is not None or not bool((new_mask == 1).all()):
+            a["attention_mask"] = new_mask
+        if a.get("position_ids") is not None:
+            pos = new_mask.long().cumsum(-1) - 1
+            a["position_ids"] = pos.masked_fill(new_mask == 0, 0)
+        shift = am.long().sum(-1) - new_mask.long().sum(-1)
+        return SeqPlan(orig_len=l, new_mask=new_mask, shift=shift)
+
+    def _remember(self, cache: Any, plan: SeqPlan) -> None:
+        for key in [k for k, (ref, _) in self._plans.items() if ref() is None]:
+            del self._plans[key]
+        try:
+            ref = weakref.ref(cache)
+        except TypeError:
+            ref = lambda c=cache: c  # noqa: E731
+        self._plans[id(cache)] = (ref, plan)
+
+    def _decode_forward(self, orig: Callable, a: dict[str, Any], cache: Any) -> Any:
+        entry = self._plans.get(id(cache))
+        plan = entry[1] if entry is not None and entry[0]() is cache else None
+        if plan is None:
+            return orig(**a)
+        am = a.get("attention_mask")
+        if am is not None and am.dim() == 2 and am.shape[1] >= plan.orig_len:
+            am = torch.cat([plan.new_mask.to(am.dtype), am[:, plan.orig_len :]], dim=1)
+            a["attention_mask"] = am
+        pos = a.get("position_ids")
+        if pos is not None:
+            a["position_ids"] = pos - plan.shift.to(pos.device).view(-1, *([1] * (pos.dim() - 1)))
+        ids = a.get("input_ids")
+        ref = ids if ids is not None else a["inputs_embeds"][..., 0]
+        b, q = ref.shape[0], ref.shape[1]
+        step = am if am is not None and am.dim() == 2 else torch.ones(b, cache.get_seq_length() + q, dtype=torch.long, device=ref.device)
+        self._run = RunState(mode="decode", plan=plan, step_mask2d=step.bool())
+        try:
+            return orig(**a)
+        finally:
+            self._run = RunState(mode="off")
+
+    # -- llm / attention stages -----------------------------------------------------------------
+    def _install_llm(self) -> None:
+        n = self.n_llm_layers
+        self._drops: dict[int, tuple[Plugin, LLMDrop]] = {}
+        self._row_requests: dict[int, str] = {}
+        for p in self._llm:
+            for d in p.llm_plan(n):
+                if not 0 <= d.layer < n:
+                    raise CompositionError(f"{p.name}: LLM layer {d.layer} out of range (0..{n - 1})")
+                if d.layer in self._drops:
+                    raise CompositionError(f"{p.name} and {self._drops[d.layer][0].name} both drop at LLM layer {d.layer}")
+                self._drops[d.layer] = (p, d)
+                if d.rows_from is not None:
+                    if not 0 <= d.rows_from < d.layer:
+                        raise CompositionError(f"{p.name}: attention rows must come from a layer before {d.layer}")
+                    self._row_requests[d.rows_from] = d.queries
+        self._bias_layers: dict[int, list[Plugin]] = {}
+        for p in self._attn:
+            for layer in p.attention_layers(n):
+                self._bias_layers.setdefault(layer, []).append(p)
+        for i, layer in enumerate(self.layers):
+            self._undo.hook(layer.register_forward_pre_hook(functools.partial(self._layer_pre, i), with_kwargs=True))
+        for i, queries in self._row_requests.items():
+            hook = functools.partial(self._rows_pre, i, queries)
+            self._undo.hook(self.layers[i].self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _current(self, x: Tensor | None, run: RunState) -> Tensor | None:
+        return x if run.idx is None or x is None else x.gather(1, run.idx)
+
+    def _layer_pre(self, i: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        run = self._run
+        if run.mode == "off":
+            return None
+        if run.mode == "decode":
+            return self._decode_layer(i, args, kwargs, run)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if i in self._drops:
+            plugin, drop = self._drops[i]
+            valid = self._current(run.valid, run)
+            if run.dummy is not None:
+                valid = valid & ~run.dummy
+            image_mask = self._current(run.image_mask, run) & valid
+            rows = run.rows.get(drop.rows_from) if drop.rows_from is not None else None
+            ctx = LLMContext(
+                layer=i,
+                n_layers=self.n_llm_layers,
+                hidden=hidden,
+                image_mask=image_mask,
+                valid=valid,
+                last=_last_valid(valid),
+                attn=rows[0] if rows else None,
+                attn_queries=rows[1] if rows else None,
+            )
+            keep = plugin.llm_keep(ctx)
+            keep = [torch.sort(k.to(hidden.device).long())[0] for k in keep]
+            rel, dummy = pad_index_lists(keep, side="left")
+            hidden = gather_seq(hidden, rel)
+            base_idx = run.idx
+            if base_idx is None:
+                base_idx = torch.arange(run.image_mask.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            run.idx = base_idx.gather(1, rel)
+            run.dummy = dummy if run.dummy is None else (run.dummy.gather(1, rel) | dummy)
+        if run.idx is not None:
+            cos, sin = kwargs["position_embeddings"]
+            kwargs["position_embeddings"] = (gather_seq(cos, run.idx), gather_seq(sin, run.idx))
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = gather_seq(kwargs["position_ids"], run.idx)
+            mask = kwargs.get("attention_mask")
+            if mask is not None or bool(run.dummy.any()):
+                kwargs["attention_mask"] = self._prefill_mask(run, hidden.dtype)
+            run.plan.layers[i] = LayerPlan(run.idx, run.dummy)
+        if i in self._bias_layers:
+            kwargs["attention_mask"] = self._add_bias(i, kwargs.get("attention_mask"), hidden, run)
+        vis = self._current(run.image_mask, run)
+        if run.dummy is not None:
+            vis = vis & ~run.dummy
+        run.counts[i] = vis.sum(-1).tolist()
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _prefill_mask(self, run: RunState, dtype: torch.dtype) -> Tensor:
+        key_ok = run.valid.gather(1, run.idx) & ~run.dummy
+        n = run.idx.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=key_ok.device).tril()
+        allowed = causal[None] & key_ok[:, None, :]
+        allowed = allowed | torch.eye(n, dtype=torch.bool, device=key_ok.device)[None]
+        return additive_mask(allowed[:, None], dtype)
+
+    def _decode_layer(self, i: int, args: tuple, kwargs: dict, run: RunState) -> tuple[tuple, dict] | None:
+        lp = run.plan.layers.get(i)
+        changed = False
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if lp is not None and lp.idx is not None:
+            mask = kwargs.get("attention_mask")
+            if mask is not None or bool(lp.dummy.any()):
+                step = run.step_mask2d
+                l0 = run.plan.new_mask.shape[1]
+                prefix = run.plan.new_mask.bool().gather(1, lp.idx) & ~lp.dummy
+                tail = step[:, l0:]
+                q = hidden.shape[1]
+                keys = torch.cat([prefix, tail], dim=1)
+                allowed = keys[:, None, :].expand(-1, q, -1).clone()
+                t = tail.shape[1]
+                if q > 1:
+                    causal = torch.ones(q, t, dtype=torch.bool, device=keys.device).tril(diagonal=t - q)
+                    allowed[:, :, prefix.shape[1] :] &= causal[None]
+                kwargs["attention_mask"] = additive_mask(allowed[:, None], hidden.dtype)
+                changed = True
+        if i in self._bias_layers:
+            kwargs["attention_mask"] = self._add_bias(i, kwargs.get("attention_mask"), hidden, run)
+            changed = True
+        return (args, kwargs) if changed else None
+
+    def _add_bias(self, i: int, mask: Tensor | None, hidden: Tensor, run: RunState) -> Tensor:
+        b, q = hidden.shape[:2]
+        cache_len = None
+        if mask is not None:
+            kv = mask.shape[-1]
+        elif run.mode == "prefill":
+            kv = q
+        else:
+            kv = run.step_mask2d.shape[1]
+            lp = run.plan.layers.get(i)
+            if lp is not None and lp.idx is not None:
+                kv = kv - run.plan.new_mask.shape[1] + lp.idx.shape[1]
+        if mask is None:
+            allowed = torch.ones(b, 1, q, kv, dtype=torch.bool, device=hidden.device).tril(diagonal=kv - q)
+            mask = additive_mask(allowed, hidden.dtype)
+        elif mask.dtype == torch.bool:
+            mask = additive_mask(mask, hidden.dtype)
+        ctx = {"run": run, "hidden": hidden, "cache_len": cache_len}
+        for p in self._bias_layers[i]:
+            bias = p.attention_bias(i, q, kv, ctx)
+            if bias is not None:
+                mask = mask + bias.to(mask.dtype)
+        return mask
+
+    def _rows_pre(self, i: int, queries: str, module: Any, args: tuple, kwargs: dict) -> None:
+        run = self._run
+        if run.mode != "prefill":
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        valid = self._current(run.valid, run)
+        if run.dummy is not None:
+            valid = valid & ~run.dummy
+        if queries == "last":
+            rows = _last_valid(valid)[:, None]
+        else:
+            img = self._current(run.image_mask, run)
+            first_img = torch.where(img.any(-1), img.float().argmax(-1), torch.zeros_like(img[:, 0], dtype=torch.long))
+            pos = torch.arange(valid.shape[1], device=valid.device)[None]
+            text = valid & ~img & (pos > first_img[:, None])
+            lists = [t.nonzero().flatten() if bool(t.any()) else _last_valid(valid)[b : b + 1] for b, t in enumerate(text)]
+            rows, _ = pad_index_lists(lists, side="right")
+        with torch.no_grad():
+            probs = llm_attention_rows(module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"), rows)
+        run.rows[i] = (probs.mean(1), rows)
+        return None
+
+
+def _last_valid(valid: Tensor) -> Tensor:
+    pos = torch.arange(valid.shape[1], device=valid.device)[None].expand_as(valid)
+    return torch.where(valid, pos, torch.full_like(pos, -1)).max(-1).values.clamp(min=0)
+
+
+def _make_vit_layer_forward(adapter: LlavaAdapter, index: int, n_used: int, plugins: list[Plugin], heads: int) -> Callable:
+    """The forward of one CLIP encoder layer with proportional attention and the plugins' merges between
+    attention and MLP (ToMe's placement)."""
+    wants_cls = any(p.vision_wants_cls_attn() for p in plugins)
+
+    def forward(self: torch.nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        st = adapter._vstate
+        b, t, _ = hidden_states.shape
+        if st.sizes is None or st.sizes.shape != (b, t):
+            st.sizes = torch.ones(b, t, device=hidden_states.device, dtype=torch.float32)
+            st.pos = torch.arange(t, device=hidden_states.device)[None].expand(b, t) - (1 if adapter.has_cls() else 0)
+        bias = attention_mask
+        if bool((st.sizes != 1).any()):
+            prop = st.sizes.log().to(hidden_states.dtype)[:, None, None, :]
+            bias = prop if bias is None else bias + prop
+        residual = hidden_states
+        h = self.layer_norm1(hidden_states)
+        attn_out, _ = self.self_attn(hidden_states=h, attention_mask=bias, **kwargs)
+        x = residual + attn_out
+        if plugins:
+            keys = self.self_attn.k_proj(h)
+            cls_attn = None
+            if wants_cls:
+                with torch.no_grad():
+                    cls_attn = vit_cls_attention(self.self_attn, h, bias[:, 0, 0] if bias is not None else None)[0].mean(1)
+            for p in plugins:
+                ctx = VisionContext(
+                    layer=index, n_layers=n_used, x=x, keys=keys, sizes=st.sizes, pos=st.pos,
+                    num_heads=heads, has_cls=adapter.has_cls(), cls_attn=cls_attn,
+                )
+                p.vision_merge(ctx)
+                x, st.sizes, st.pos = ctx.x, ctx.sizes, ctx.pos
+                keys, cls_attn = None, None
+        x = x + self.mlp(self.layer_norm2(x))
+        return x
+
+    return forward

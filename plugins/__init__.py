@@ -1,0 +1,1 @@
+"""Built-in plugins, one module per method: ``mmtoken.plugins.<name>``."""
