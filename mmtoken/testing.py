@@ -79,6 +79,7 @@ def tiny_llava(
         model = LlavaForConditionalGeneration(cfg)
     model.set_attn_implementation(attn)
     model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]  # a random model may otherwise emit <image>
     return model.eval()
 
 

@@ -121,6 +121,18 @@ class RunState:
     rows: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (probs mean, queries)
     step_mask2d: Tensor | None = None  # decode: the 2D mask of this step (LLM coordinates)
     counts: dict[int, list[int]] = field(default_factory=dict)  # layer -> visual tokens per sample
+    kept: dict[int, Tensor] = field(default_factory=dict)  # drop layer -> [B, L0] kept positions
+    memo: "Memo | None" = None
+
+
+@dataclass
+class Memo:
+    """The LLM-stage decisions of the last prefill. Generation without a KV cache re-runs the prefill on
+    the prompt plus the tokens generated so far; the decisions taken on the prompt are reused for it (the
+    new tokens are kept), so decoding with and without the cache gives the same tokens."""
+
+    ids: Tensor
+    kept: dict[int, Tensor]
 
 
 @dataclass
@@ -214,6 +226,7 @@ class LlavaAdapter:
         self._meta: dict[int, ImageMeta] = {}
         self._vstate = VisionState()
         self._request = VisualRequest()
+        self._memo: Memo | None = None
 
     # -- properties of the model ----------------------------------------------------------------
     @property
@@ -276,6 +289,7 @@ class LlavaAdapter:
         self._undo.run()
         self._plans.clear()
         self._meta.clear()
+        self._memo = None
         self._run = RunState(mode="off")
 
     # -- vision stage ---------------------------------------------------------------------------
@@ -497,6 +511,13 @@ class LlavaAdapter:
         if plan is None:
             plan = SeqPlan(orig_len=image_mask.shape[1], new_mask=valid.long(), shift=torch.zeros(image_mask.shape[0], dtype=torch.long, device=image_mask.device))
         self._run = RunState(mode="prefill", image_mask=image_mask, valid=valid, plan=plan)
+        new_ids = a.get("input_ids")
+        memo = self._memo
+        if (
+            memo is not None and new_ids is not None and new_ids.shape[0] == memo.ids.shape[0]
+            and new_ids.shape[1] > memo.ids.shape[1] and torch.equal(new_ids[:, : memo.ids.shape[1]], memo.ids)
+        ):
+            self._run.memo = memo
         try:
             out = orig(**a)
         finally:
@@ -504,6 +525,8 @@ class LlavaAdapter:
             if image_out is not None:
                 image_out.pooler_output = feats
         self.stats.llm_visual_tokens = run.counts
+        if new_ids is not None and run.kept and run.memo is None:
+            self._memo = Memo(ids=new_ids, kept=run.kept)
         out_cache = getattr(out, "cache", None)
         if out_cache is not None:
             self._remember(out_cache, plan)
@@ -638,7 +661,10 @@ class LlavaAdapter:
                 attn=rows[0] if rows else None,
                 attn_queries=rows[1] if rows else None,
             )
-            keep = plugin.llm_keep(ctx)
+            if run.memo is not None and i in run.memo.kept:
+                keep = self._recall(run, i, valid)
+            else:
+                keep = plugin.llm_keep(ctx)
             keep = [torch.sort(k.to(hidden.device).long())[0] for k in keep]
             rel, dummy = pad_index_lists(keep, side="left")
             hidden = gather_seq(hidden, rel)
@@ -647,6 +673,9 @@ class LlavaAdapter:
                 base_idx = torch.arange(run.image_mask.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
             run.idx = base_idx.gather(1, rel)
             run.dummy = dummy if run.dummy is None else (run.dummy.gather(1, rel) | dummy)
+            kept = torch.zeros_like(run.valid)
+            kept.scatter_(1, run.idx, ~run.dummy)
+            run.kept[i] = kept
         if run.idx is not None:
             cos, sin = kwargs["position_embeddings"]
             kwargs["position_embeddings"] = (gather_seq(cos, run.idx), gather_seq(sin, run.idx))
@@ -667,6 +696,15 @@ class LlavaAdapter:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _recall(self, run: RunState, i: int, valid_cur: Tensor) -> list[Tensor]:
+        """Positions (current coordinates) kept at drop layer ``i``: the memo's decision on the prompt, and
+        every token after it."""
+        old = run.memo.kept[i]
+        absolute = run.valid.clone()
+        absolute[:, : old.shape[1]] = old & run.valid[:, : old.shape[1]]
+        cur = self._current(absolute, run) & valid_cur
+        return [row.nonzero().flatten() for row in cur]
 
     def _prefill_mask(self, run: RunState, dtype: torch.dtype) -> Tensor:
         key_ok = run.valid.gather(1, run.idx) & ~run.dummy
