@@ -166,3 +166,23 @@ def test_double_apply_is_refused(llava):
             mmtoken.apply(llava, "random")
     with mmtoken.apply(llava, "random"):
         pass
+
+
+@pytest.mark.parametrize("spec", ["visionzip:keep=0.25", "random:keep=0.5+fastv:k=2,keep=0.5"])
+def test_beam_search_with_and_without_cache(llava, spec):
+    batch = make_batch(llava, 2, seed=7)
+    with mmtoken.apply(llava, spec), torch.no_grad():
+        a = llava.generate(**batch, max_new_tokens=6, num_beams=2, do_sample=False)
+        b = llava.generate(**batch, max_new_tokens=6, num_beams=2, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_eager_attention_model_batch_equals_single():
+    model = tiny_llava(attn="eager", seed=4)
+    batch = make_batch(model, 3, seed=8)
+    with mmtoken.apply(model, "visionzip:tokens=20+fastv:k=2,keep=0.5"):
+        logits, ids = _run(model, batch)
+        for i in range(3):
+            l1, g1 = _run(model, select_rows(batch, i))
+            assert torch.allclose(l1[0], logits[i], atol=1e-4)
+            assert torch.equal(g1[0], ids[i, -g1.shape[1]:])
