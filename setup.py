@@ -9,13 +9,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mmtoken", "mmtoken.adapters", "mmtoken.plugins", "mmtoken.benchmarks"],
+    packages=["mmtoken", "mmtoken.adapters", "mmtoken.world", "mmtoken.plugins", "mmtoken.benchmarks"],
     package_dir={"mmtoken": "mmtoken", "mmtoken.plugins": "plugins", "mmtoken.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.4,<2.15",
         "transformers>=5.20,<6",
         "safetensors>=0.4",
         "numpy",
+        "pillow",
+        "tokenizers>=0.20",
         "tqdm",
     ],
     extras_require={

@@ -1,0 +1,167 @@
+"""Benchmark tasks on the synthetic world, with exact answers and fixed held-out splits.
+
+Each sample is a pure function of ``(task, split, index)``: training samples use scene seeds
+``index``, held-out ones ``10_000_000 + index`` — disjoint streams, so no held-out scene is ever seen in
+training. Answers are single words of the world's vocabulary.
+
+* ``synth-vqa``: colour / shape / count / position / relation / attribute-at-location / size questions.
+* ``synth-pope``: "is there a <colour> <shape> ?" with random, popular and adversarial negatives
+  (adversarial: the partner of a co-occurring pair whose other half is present), balanced yes / no.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .scenes import CELLS, COLOURS, PARTNER, SHAPES, Scene, sample_scene
+
+HELD_OUT = 10_000_000
+NUMBERS = ("0", "1", "2", "3", "4", "5")
+
+
+@dataclass
+class Sample:
+    id: str
+    task: str
+    scene: Scene
+    question: str
+    answers: list[str]
+    family: str
+    meta: dict = field(default_factory=dict)
+
+
+def plural(word: str) -> str:
+    return word + ("es" if word.endswith("s") else "s")
+
+
+def _unique(objs, key):
+    counts: dict = {}
+    for o in objs:
+        counts[key(o)] = counts.get(key(o), 0) + 1
+    return [o for o in objs if counts[key(o)] == 1]
+
+
+def _vqa_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    objs = scene.objects
+    families = ["count_all", "count", "position", "at_cell", "size"]
+    if _unique(objs, lambda o: o.shape):
+        families.append("colour")
+    if _unique(objs, lambda o: o.colour):
+        families.append("shape")
+    if len(objs) >= 2:
+        families.append("relation")
+    fam = families[int(rng.integers(len(families)))]
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    if fam == "colour":
+        o = pick(_unique(objs, lambda o: o.shape))
+        return fam, f"what colour is the {o.shape} ?", o.colour
+    if fam == "shape":
+        o = pick(_unique(objs, lambda o: o.colour))
+        return fam, f"what shape is the {o.colour} object ?", o.shape
+    if fam == "count_all":
+        return fam, "how many objects are there ?", str(len(objs))
+    if fam == "count":
+        shape = pick(SHAPES)
+        return fam, f"how many {plural(shape)} are there ?", str(sum(o.shape == shape for o in objs))
+    if fam == "position":
+        o = pick(objs)
+        return fam, f"where is the {o.colour} {o.shape} ?", CELLS[o.cell]
+    if fam == "size":
+        o = pick(objs)
+        return fam, f"is the {o.colour} {o.shape} small or large ?", o.size
+    if fam == "at_cell":
+        if rng.random() < 0.75:
+            o = pick(objs)
+            what = pick(["colour", "shape"])
+            return fam, f"what {what} is the object at the {CELLS[o.cell]} ?", getattr(o, what)
+        empty = [c for c in range(9) if c not in {o.cell for o in objs}]
+        c = pick(empty) if empty else pick(objs).cell
+        occupied = [o for o in objs if o.cell == c]
+        return fam, f"is there an object at the {CELLS[c]} ?", "yes" if occupied else "no"
+    # relation
+    a, b = (objs[i] for i in rng.permutation(len(objs))[:2])
+    if rng.random() < 0.5:
+        return fam, f"is the {a.colour} {a.shape} left of the {b.colour} {b.shape} ?", "yes" if a.cx < b.cx else "no"
+    return fam, f"is the {a.colour} {a.shape} above the {b.colour} {b.shape} ?", "yes" if a.cy < b.cy else "no"
+
+
+def _category_frequencies() -> list[tuple[str, str]]:
+    """Categories by frequency in training scenes (the 'popular' negatives), computed on 4,000 scenes."""
+    counts: dict = {}
+    for s in range(4000):
+        for c in sample_scene(s).categories():
+            counts[c] = counts.get(c, 0) + 1
+    return sorted(counts, key=lambda c: (-counts[c], c))
+
+
+_POPULAR: list | None = None
+
+
+def _pope_question(scene: Scene, rng: np.random.Generator, index: int) -> tuple[str, str, str]:
+    global _POPULAR
+    present = scene.categories()
+    positive = index % 2 == 0
+    kind = ("random", "popular", "adversarial")[(index // 2) % 3]
+    if positive:
+        cat = sorted(present)[int(rng.integers(len(present)))]
+        return kind, f"is there a {cat[0]} {cat[1]} ?", "yes"
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    if kind == "popular":
+        if _POPULAR is None:
+            _POPULAR = _category_frequencies()
+        absent = [c for c in _POPULAR if c not in present][:3]
+    elif kind == "adversarial":
+        partners = [PARTNER[c] for c in present if c in PARTNER and PARTNER[c] not in present]
+        same_shape_or_colour = [c for c in absent if any(c[0] == p[0] or c[1] == p[1] for p in present)]
+        absent = partners or same_shape_or_colour or absent
+    cat = absent[int(rng.integers(len(absent)))]
+    return kind, f"is there a {cat[0]} {cat[1]} ?", "no"
+
+
+@dataclass
+class Task:
+    name: str
+    metric: str  # headline metric name
+    make: Callable[[Scene, np.random.Generator, int], tuple[str, str, str]]
+    test_size: int = 1000
+
+    def sample(self, split: str, index: int) -> Sample:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        seed = index + (HELD_OUT if split == "test" else 0)
+        scene = sample_scene(seed)
+        rng = np.random.default_rng([seed, 7])
+        family, question, answer = self.make(scene, rng, index)
+        return Sample(id=f"{self.name}/{split}/{index}", task=self.name, scene=scene, question=question,
+                      answers=[answer], family=family)
+
+    def samples(self, split: str = "test", n: int | None = None, start: int = 0) -> list[Sample]:
+        n = self.test_size if n is None else n
+        return [self.sample(split, i) for i in range(start, start + n)]
+
+
+TASKS: dict[str, Task] = {
+    "synth-vqa": Task("synth-vqa", "accuracy", lambda s, r, i: _vqa_question(s, r)),
+    "synth-pope": Task("synth-pope", "f1", _pope_question, test_size=900),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def vocabulary() -> list[str]:
+    """Every word the world's prompts and answers use."""
+    words = set(COLOURS) | set(SHAPES) | {plural(s) for s in SHAPES} | set(CELLS) | set(NUMBERS)
+    words |= {"small", "large", "yes", "no", "?", ":", "."}
+    for t in TASKS.values():
+        for i in range(400):
+            s = t.sample("train", i)
+            words |= set(s.question.split()) | set(s.answers)
+    words |= {"question", "answer", "describe", "the", "image", "there", "is", "a", "and", "in"}
+    return sorted(words)

@@ -1,0 +1,238 @@
+"""Train ``tiny-llava`` on the synthetic world, on the CPU, from scratch and reproducibly.
+
+Stage 1 (vision): a CLIP-config ViT learns dense per-patch targets (colour, shape, size of the object under
+each patch, and the patch's layout cell) on its feature layer, and the categories present in the scene
+from its CLS token (which trains the CLS attention that many plugins read).
+Stage 2 (language): with the ViT frozen, the projector and a LLaMA-config LM learn to answer synth-vqa and
+synth-pope questions; the question comes before the image (``mmtoken.world.build.PROMPT``) so that image
+tokens can attend to it. The loss is on the answer and ``</s>``.
+
+    python scripts/train_tiny_llava.py --out runs/tiny-llava            # full recipe
+    python scripts/train_tiny_llava.py --quick --out /tmp/tl             # a few steps: checks the script
+
+Writes ``OUT/model`` (safetensors + config + tokenizer + processor), ``OUT/curve.json`` (held-out accuracy
+over steps, wall time) and checkpoints as it goes; ``--resume`` continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmtoken.world import COLOURS, SHAPES, get_task, render  # noqa: E402
+from mmtoken.world.build import PROMPT, build_processor, build_tokenizer, tiny_llava_config, write_world_card  # noqa: E402
+from mmtoken.world.scenes import patch_labels, sample_scene  # noqa: E402
+from mmtoken.world.tasks import vocabulary  # noqa: E402
+
+CATS = [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def pixels(scenes, size: int) -> torch.Tensor:
+    arr = np.stack([np.asarray(render(s, size), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(255.0).sub(0.5).div(0.5)
+
+
+class VisionHeads(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(d, 1 + len(COLOURS))
+        self.shape = torch.nn.Linear(d, 1 + len(SHAPES))
+        self.size = torch.nn.Linear(d, 3)
+        self.cell = torch.nn.Linear(d, 9)
+        self.cats = torch.nn.Linear(d, len(CATS))
+
+
+def vision_step(model, heads, seeds, grid, size):
+    scenes = [sample_scene(int(s)) for s in seeds]
+    pv = pixels(scenes, size)
+    out = model.model.vision_tower(pv, output_hidden_states=True)
+    feat = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    labels = [patch_labels(s, grid) for s in scenes]
+    loss = 0.0
+    accs = {}
+    for name in ("colour", "shape", "size", "cell"):
+        y = torch.from_numpy(np.stack([lab[name].reshape(-1) for lab in labels]))
+        logits = getattr(heads, name)(feat)
+        loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        obj = y > 0 if name != "cell" else torch.ones_like(y, dtype=torch.bool)
+        accs[name] = (logits.argmax(-1)[obj] == y[obj]).float().mean().item()
+    present = torch.tensor([[float(c in s.categories()) for c in CATS] for s in scenes])
+    cls_logits = heads.cats(out.pooler_output)
+    loss = loss + F.binary_cross_entropy_with_logits(cls_logits, present)
+    accs["cats"] = ((cls_logits > 0).float() == present).all(-1).float().mean().item()
+    return loss, accs
+
+
+def encode_samples(tok, samples, n_img):
+    """Right-padded ids, labels (answer + </s>) and mask for training."""
+    rows, labels = [], []
+    for s in samples:
+        prompt = PROMPT.format(question=s.question).replace("<image>", " ".join(["<image>"] * n_img))
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ans = tok(s.answers[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append(ids + ans)
+        labels.append([-100] * len(ids) + ans)
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(r)] = 1
+    return ids, lab, mask
+
+
+def question_batch(tasks, rng, n_images, q_per_image):
+    """``n_images`` fresh training scenes with ``q_per_image`` questions each (tasks drawn at random)."""
+    from mmtoken.world.tasks import Sample
+
+    samples = []
+    for seed in rng.integers(0, 5_000_000, size=n_images):
+        scene = sample_scene(int(seed))
+        for _ in range(q_per_image):
+            task = tasks[int(rng.integers(len(tasks)))]
+            family, question, answer = task.make(scene, rng, int(rng.integers(1 << 30)))
+            samples.append(Sample(f"{task.name}/train/{seed}", task.name, scene, question, [answer], family))
+    return samples
+
+
+def lm_loss(model, tok, samples, q_per_image, size):
+    """Answer loss with the ViT frozen: its features are computed without grad, the projector with."""
+    n_img = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    ids, labels, mask = encode_samples(tok, samples, n_img * n_img)
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels([s.scene for s in samples[::q_per_image]], size), output_hidden_states=True)
+        vis = out.hidden_states[model.config.vision_feature_layer][:, 1:]
+    feats = model.model.multi_modal_projector(vis).repeat_interleave(q_per_image, dim=0)
+    emb = model.model.get_input_embeddings()(ids)
+    emb = emb.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), feats.to(emb.dtype))
+    return model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+
+
+@torch.no_grad()
+def evaluate(model, tok, task_names, n, size, batch=50):
+    """Held-out exact-match accuracy per task (greedy, first answer token)."""
+    model.eval()
+    n_img = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    res = {}
+    for name in task_names:
+        samples = get_task(name).samples("test", n)
+        correct = 0
+        for i in range(0, n, batch):
+            chunk = samples[i : i + batch]
+            prompts = [PROMPT.format(question=s.question).replace("<image>", " ".join(["<image>"] * n_img)) for s in chunk]
+            enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+            logits = model(**enc, pixel_values=pixels([s.scene for s in chunk], size), logits_to_keep=1).logits[:, -1]
+            pred = tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
+            correct += sum(p == s.answers[0] for p, s in zip(pred, chunk))
+        res[name] = correct / n
+    model.train()
+    return res
+
+
+def cosine(step, total, warmup, base):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage (checks the script)")
+    p.add_argument("--vision-steps", type=int, default=1200)
+    p.add_argument("--lm-steps", type=int, default=3000)
+    p.add_argument("--images", type=int, default=16, help="scenes per LM step")
+    p.add_argument("--questions", type=int, default=4, help="questions per scene per LM step")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-n", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.vision_steps, args.lm_steps, args.eval_every, args.eval_n, args.images = 3, 3, 3, 20, 4
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+    from transformers import LlavaForConditionalGeneration
+
+    tok = build_tokenizer(vocabulary())
+    config = tiny_llava_config(len(tok))
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation("sdpa")
+    size = config.vision_config.image_size
+    grid = size // config.vision_config.patch_size
+    heads = VisionHeads(config.vision_config.hidden_size)
+    curve = {"vision": [], "lm": [], "args": vars(args)}
+    t0 = time.time()
+
+    # stage 1: vision
+    params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    for step in range(args.vision_steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine(step, args.vision_steps, 50, 1e-3)
+        loss, accs = vision_step(model, heads, rng.integers(0, 5_000_000, size=48), grid, size)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.vision_steps - 1:
+            curve["vision"].append({"step": step, "loss": loss.item(), "s": time.time() - t0} | accs)
+            print(f"vision {step} loss {loss.item():.3f} {accs} {time.time() - t0:.0f}s", flush=True)
+
+    # stage 2: language
+    for prm in model.model.vision_tower.parameters():
+        prm.requires_grad_(False)
+    params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    tasks = [get_task("synth-vqa"), get_task("synth-pope")]
+    model.train()
+    for step in range(args.lm_steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine(step, args.lm_steps, 100, 1e-3)
+        samples = question_batch(tasks, rng, args.images, args.questions)
+        loss = lm_loss(model, tok, samples, args.questions, size)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0:
+            print(f"lm {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
+        if (step + 1) % args.eval_every == 0 or step == args.lm_steps - 1:
+            acc = evaluate(model, tok, ["synth-vqa", "synth-pope"], args.eval_n, size)
+            curve["lm"].append({"step": step + 1, "loss": loss.item(), "s": time.time() - t0} | acc)
+            print(f"eval {step + 1} {acc} {time.time() - t0:.0f}s", flush=True)
+            save(model, tok, args.out, curve)
+    save(model, tok, args.out, curve)
+    print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+def save(model, tok, out, curve):
+    path = os.path.join(out, "model")
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.suppress_tokens = [model.config.image_token_id]
+    model.save_pretrained(path, safe_serialization=True)
+    build_processor(tok).save_pretrained(path)
+    write_world_card(path, {"trained_by": "scripts/train_tiny_llava.py"})
+    with open(os.path.join(out, "curve.json"), "w") as f:
+        json.dump(curve, f, indent=1)
+    model.train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The synthetic world: deterministic scenes, exact answers, disjoint splits, tokenizer and processor."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from mmtoken.world import CELLS, get_task, render, sample_scene
+from mmtoken.world.build import PROMPT, build_processor, build_tokenizer
+from mmtoken.world.scenes import patch_labels
+from mmtoken.world.tasks import vocabulary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_scenes_are_deterministic_and_rendered_identically():
+    a, b = sample_scene(123), sample_scene(123)
+    assert a == b
+    assert np.array_equal(np.asarray(render(a)), np.asarray(render(b)))
+    assert sample_scene(124) != a
+
+
+def test_objects_occupy_distinct_cells_inside_their_cell():
+    for seed in range(200):
+        s = sample_scene(seed)
+        cells = [o.cell for o in s.objects]
+        assert len(cells) == len(set(cells)) and 1 <= len(cells) <= 5
+        for o in s.objects:
+            row, col = divmod(o.cell, 3)
+            x0, y0, x1, y1 = o.box
+            assert col * 32 <= x0 and x1 <= col * 32 + 32 and row * 32 <= y0 and y1 <= row * 32 + 32
+
+
+def test_rendered_pixel_colour_at_object_centre():
+    s = sample_scene(5)
+    img = np.asarray(render(s))
+    from mmtoken.world.scenes import COLOURS
+
+    for o in s.objects:
+        if o.shape != "triangle":  # a triangle's box centre is inside it too, but keep to the simple shapes
+            assert tuple(img[int(o.cy), int(o.cx)]) == COLOURS[o.colour]
+
+
+def test_answers_are_exact():
+    task = get_task("synth-vqa")
+    for s in task.samples("test", 300):
+        objs, q, a = s.scene.objects, s.question, s.answers[0]
+        if s.family == "count_all":
+            assert a == str(len(objs))
+        elif s.family == "position":
+            (o,) = [o for o in objs if f"{o.colour} {o.shape}" in q]
+            assert a == CELLS[o.cell]
+        elif s.family == "colour":
+            (o,) = [o for o in objs if f" {o.shape} " in q]
+            assert a == o.colour
+
+
+def test_splits_are_disjoint_and_fixed():
+    task = get_task("synth-vqa")
+    test = task.samples("test", 50)
+    assert [s.question for s in test] == [s.question for s in task.samples("test", 50)]
+    train_seeds = {task.sample("train", i).scene.seed for i in range(2000)}
+    assert not train_seeds & {s.scene.seed for s in test}
+
+
+def test_pope_is_balanced_with_three_negative_kinds():
+    samples = get_task("synth-pope").samples("test", 300)
+    assert sum(s.answers[0] == "yes" for s in samples) == 150
+    assert {s.family for s in samples} == {"random", "popular", "adversarial"}
+    for s in samples:
+        colour, shape = s.question.split()[3:5]
+        assert (s.answers[0] == "yes") == ((colour, shape) in s.scene.categories())
+
+
+def test_patch_labels_grid():
+    s = sample_scene(7)
+    lab = patch_labels(s, 12)
+    assert lab["colour"].shape == (12, 12)
+    assert lab["cell"][0, 0] == 0 and lab["cell"][11, 11] == 8 and lab["cell"][0, 11] == 2
+    assert (lab["colour"] > 0).sum() > 0
+
+
+def test_tokenizer_and_processor_round_trip():
+    tok = build_tokenizer(vocabulary())
+    proc = build_processor(tok)
+    s = get_task("synth-vqa").sample("test", 0)
+    out = proc(images=[render(s.scene)], text=[PROMPT.format(question=s.question)], return_tensors="pt")
+    assert int((out["input_ids"] == 3).sum()) == 144
+    assert tok.unk_token_id not in out["input_ids"][0].tolist()
+    # the training script's pixel pipeline equals the processor's
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from train_tiny_llava import pixels
+
+    assert torch.allclose(pixels([s.scene], 96), out["pixel_values"], atol=1e-6)
+
+
+def test_training_script_quick_mode(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), "--quick", "--out", str(tmp_path), "--threads", "1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
+    assert model.config.image_token_id == 3
+    assert (tmp_path / "curve.json").exists()
