@@ -1,4 +1,4 @@
-"""The ``mmtoken`` command line: ``mmtoken list``, ``mmtoken demo``, ``mmtoken prefill``."""
+"""The ``mmtoken`` command line: ``list``, ``demo``, ``prefill``, ``bench``, ``profile``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,79 @@ def _cmd_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_METHODS = [
+    "none", "random:keep=0.5,0.25,0.11", "pool:stride=2,3", "visionzip:keep=0.5,0.25,0.11",
+    "fastv:k=2,keep=0.5,0.25,0.11", "tome:keep=0.5,0.25",
+]
+DEFAULT_TASKS = ["synth-vqa", "synth-pope"]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarks import report, runner
+    from .models import builtin_models
+
+    models = args.model or [m for m in ("tiny-llava",) if m in builtin_models()]
+    if not models:
+        print("no built-in model is shipped in this installation; pass --model PATH_OR_ID", file=sys.stderr)
+        return 2
+    cfg = runner.RunConfig(
+        models=models, tasks=args.task or DEFAULT_TASKS, methods=args.method or DEFAULT_METHODS, out=args.out,
+        limit=args.limit if args.limit is not None else (None if args.task else 300), batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, data=args.data, seed=args.seed, speed=not args.no_speed,
+        speed_repeats=args.repeats, command=" ".join(sys.argv),
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = runner.run(cfg)
+    if runner.get_dist().rank == 0:
+        print(report.markdown(summary))
+        plots = report.plot_pareto(summary, args.out)
+        print(f"\nwrote {args.out}/summary.json, summary.csv, summary.md" + (f" and {len(plots)} plot(s)" if plots else " (install matplotlib for plots)"))
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .benchmarks import speed
+    from .benchmarks.tasks import get_bench_task
+    from .models import load_model
+
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    task = get_bench_task(args.task, args.data)
+    sizes = [int(x) for x in args.batch_size.split(",")]
+    items = task.items(max(sizes))
+    print(f"| method | batch | prefill s | oracle prefill s | decode s/token | samples/s | tokens/s | peak mem MB | prefill GFLOPs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for method in args.method or ["none"]:
+        for b in sizes:
+            r = speed.measure(lm, items[:b], method, task.max_new_tokens, args.device, repeats=args.repeats)
+            o = f"{r['oracle_prefill_s']:.4f}" if r["oracle_prefill_s"] is not None else ""
+            print(f"| `{method}` | {b} | {r['prefill_s']:.4f} | {o} | {r['decode_s_per_token']:.5f} | {r['samples_per_s']:.2f} | "
+                  f"{r['tokens_per_s']:.1f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['prefill_flops'] / 1e9:.2f} |")
+    if args.trace:
+        import os
+
+        from torch.profiler import ProfilerActivity, profile
+
+        from .benchmarks.runner import prepare_inputs
+
+        inputs = prepare_inputs(lm, items[: sizes[-1]], args.device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        import mmtoken
+
+        handle = mmtoken.apply(lm.model, args.method[-1]) if args.method and args.method[-1] != "none" else None
+        try:
+            with profile(activities=acts) as prof, torch.inference_mode():
+                lm.model(**inputs, logits_to_keep=1)
+        finally:
+            if handle is not None:
+                handle.remove()
+        os.makedirs(args.trace, exist_ok=True)
+        path = os.path.join(args.trace, "prefill_trace.json")
+        prof.export_chrome_trace(path)
+        print(f"trace: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmtoken", description="Visual-token compression plugins for multimodal LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=7)
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(fn=_cmd_prefill)
+    s = sub.add_parser("bench", help="accuracy, fidelity and speed of methods on tasks (no arguments: the embedded default)")
+    s.add_argument("--model", action="append", help="built-in name, local path or HF id (repeatable)")
+    s.add_argument("--task", action="append", help="task name (repeatable): synth-vqa, synth-pope, vqav2, gqa, ...")
+    s.add_argument("--method", action="append", help="spec, sweeps allowed: fastv:keep=0.5,0.25 (repeatable); none = uncompressed")
+    s.add_argument("--limit", type=int, default=None, help="samples per task (default: all; 300 for the embedded default)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--data", default=None, help="folder of a real benchmark's files")
+    s.add_argument("--out", default="runs/bench")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--repeats", type=int, default=5, help="timed repeats per speed figure")
+    s.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(fn=_cmd_bench)
+    s = sub.add_parser("profile", help="speed of one model and method(s) over a batch-size sweep")
+    s.add_argument("--model", required=True)
+    s.add_argument("--method", action="append")
+    s.add_argument("--task", default="synth-vqa")
+    s.add_argument("--data", default=None)
+    s.add_argument("--batch-size", default="1,8,32", help="comma-separated sizes")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--trace", default=None, help="folder for a torch.profiler trace of the last prefill")
+    s.set_defaults(fn=_cmd_profile)
     return p
 
 

@@ -155,3 +155,26 @@ def select_rows(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tenso
     if "image_sizes" in batch:
         out["image_sizes"] = batch["image_sizes"][i : i + 1]
     return out
+
+
+def save_random_world_model(path: str, seed: int = 0, **overrides) -> str:
+    """A random-weight model with the world's tokenizer, processor and prompt card, saved like a shipped
+    model (tiny dimensions): lets the harness run end to end before any training."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .world.build import build_processor, build_tokenizer, tiny_llava_config, write_world_card
+    from .world.tasks import vocabulary
+
+    tok = build_tokenizer(vocabulary())
+    small = {"vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2),
+             "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)}
+    for k, v in overrides.items():
+        small.setdefault(k, {}).update(v)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(len(tok), **small)).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.suppress_tokens = [model.config.image_token_id]
+    model.save_pretrained(path)
+    build_processor(tok).save_pretrained(path)
+    write_world_card(path, {"trained_by": "nobody: random weights"})
+    return path

@@ -1,0 +1,174 @@
+"""Speed of one method on one batch: prefill, decode, memory, FLOPs, and the oracle twin.
+
+Timing: ``warmup`` runs, then the median of ``repeats``; on CUDA, CUDA events around the call after a
+synchronisation. Prefill = one forward pass over the prompts (vision tower included) returning the last
+position's logits (time to first token). Decode per token = (time of ``generate`` with ``1 + n`` new tokens
+- time with 1) / ``n``. End-to-end = ``generate`` with the task's new tokens.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (reset before the method's runs); on the CPU the
+process's peak resident set size so far (``ru_maxrss``), which only grows — read it as an upper bound.
+
+FLOPs (analytic, multiply-adds counted as 2): for a decoder layer holding ``n`` tokens with hidden size
+``d``, ``q``/``kv`` projection widths and MLP width ``m`` (gated: 3 matrices),
+``2 n (d q + 2 d kv + q d) + 2 n (3 d m) + 2 n^2 q`` (attention scores and weighted values over a causal
+half: ``2 * n^2/2 * q`` each), summed over layers with each layer's own visual-token count; plus the vision
+tower, ``2 T (4 d_v^2 + 2 d_v m_v) + 4 T^2 d_v`` per ViT layer at its token count ``T``.
+The oracle is the model simply fed the same visual tokens per LLM layer, with no selection work:
+``oracle:tokens=n`` when every layer sees ``n``, ``oracle-llm:layer=K,tokens=n`` when layers from ``K`` on
+see fewer.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+import mmtoken
+
+
+def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
+    if device.startswith("cuda"):
+        def run(fn: Callable[[], Any]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return run
+
+    def run_cpu(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run_cpu
+
+
+def median_time(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> float:
+    timer = _timer(device)
+    for _ in range(warmup):
+        timer(fn)
+    return statistics.median(timer(fn) for _ in range(repeats))
+
+
+def peak_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def llm_flops(config: Any, tokens_per_layer: list[float]) -> float:
+    tc = config.text_config
+    d = tc.hidden_size
+    head = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+    q = tc.num_attention_heads * head
+    kv = tc.num_key_value_heads * head
+    m = tc.intermediate_size
+    total = 0.0
+    for n in tokens_per_layer:
+        total += 2 * n * (d * q + 2 * d * kv + q * d) + 2 * n * 3 * d * m + 2 * n * n * q
+    return total
+
+
+def vit_flops(config: Any, tokens_per_layer: list[float]) -> float:
+    vc = config.vision_config
+    d, m = vc.hidden_size, vc.intermediate_size
+    return sum(2 * t * (4 * d * d + 2 * d * m) + 4 * t * t * d for t in tokens_per_layer)
+
+
+def decode_flops_per_token(config: Any, context_per_layer: list[float]) -> float:
+    tc = config.text_config
+    d = tc.hidden_size
+    head = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+    q, kv, m = tc.num_attention_heads * head, tc.num_key_value_heads * head, tc.intermediate_size
+    per_layer = 2 * (d * q + 2 * d * kv + q * d) + 2 * 3 * d * m
+    return sum(per_layer + 4 * c * q for c in context_per_layer) + 2 * d * tc.vocab_size
+
+
+def oracle_spec(visual_per_layer: dict[int, list[int]], full: list[int]) -> str | None:
+    """The oracle of a run whose LLM layers saw ``visual_per_layer`` visual tokens (per sample)."""
+    if not visual_per_layer:
+        return None
+    layers = sorted(visual_per_layer)
+    first = [visual_per_layer[layers[0]][i] for i in range(len(full))]
+    parts = []
+    if first != full:
+        parts.append(f"oracle:tokens={max(1, max(first))}")
+    for l in layers[1:]:
+        if visual_per_layer[l] != visual_per_layer[layers[0]]:
+            parts.append(f"oracle-llm:layer={l},tokens={max(1, max(visual_per_layer[l]))}")
+            break
+    return "+".join(parts) if parts else None
+
+
+def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str, repeats: int = 5, warmup: int = 2, decode_tokens: int = 8) -> dict[str, Any]:
+    """Speed figures of ``method`` on the batch ``items`` (see the module docstring)."""
+    from .runner import prepare_inputs
+
+    model = lm.model
+    inputs = prepare_inputs(lm, items, device)
+    full = [int(x) for x in (inputs["input_ids"] == model.config.image_token_id).sum(-1)]
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(**inputs, logits_to_keep=1)
+
+    def gen(n: int) -> Callable[[], None]:
+        def fn() -> None:
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return fn
+
+    handle = mmtoken.apply(model, method) if method != "none" else None
+    try:
+        prefill()
+        stats = handle.stats if handle is not None else None
+        layers = dict(stats.llm_visual_tokens) if stats is not None else {}
+        n_layers = model.config.text_config.num_hidden_layers
+        if layers:
+            per_layer = [sum(layers.get(l, full)) / len(full) for l in range(n_layers)]
+        else:
+            per_layer = [sum(full) / len(full)] * n_layers
+        text_tokens = float(inputs["attention_mask"].sum(-1).float().mean()) - sum(full) / len(full)
+        prefill_s = median_time(prefill, device, warmup, repeats)
+        t1 = median_time(gen(1), device, 1, max(1, repeats // 2))
+        tn = median_time(gen(1 + decode_tokens), device, 1, max(1, repeats // 2))
+        e2e = median_time(gen(max_new_tokens), device, 0, max(1, repeats // 2))
+        mem = peak_memory(device)
+    finally:
+        if handle is not None:
+            handle.remove()
+    b = len(items)
+    vc = model.config.vision_config
+    n_vit = (vc.image_size // vc.patch_size) ** 2 + 1
+    vit_layers = [n_vit] * vc.num_hidden_layers  # merging plugins: an upper bound
+    out = {
+        "batch_size": b,
+        "prefill_s": prefill_s,
+        "decode_s_per_token": max(0.0, (tn - t1) / decode_tokens),
+        "e2e_s": e2e,
+        "samples_per_s": b / e2e,
+        "tokens_per_s": b * max_new_tokens / e2e,
+        "peak_mem_bytes": mem,
+        "prefill_flops": llm_flops(model.config, [text_tokens + v for v in per_layer]) + vit_flops(model.config, vit_layers),
+        "decode_flops_per_token": decode_flops_per_token(model.config, [text_tokens + v for v in per_layer]),
+        "visual_tokens_per_layer": per_layer,
+        "oracle": None,
+        "oracle_prefill_s": None,
+    }
+    spec = oracle_spec(layers, full) if layers else None
+    if spec is not None and method != "none":
+        with mmtoken.apply(model, spec):
+            out["oracle_prefill_s"] = median_time(prefill, device, warmup, repeats)
+        out["oracle"] = spec
+    return out

@@ -1,0 +1,119 @@
+"""Benchmark tasks for the harness: a list of items (image + question + reference answers) and how to
+score and aggregate predictions.
+
+A task is one small definition: ``items()`` reads or generates the samples, ``score()`` scores one
+prediction, ``aggregate()`` turns per-sample rows into the task's metrics (headline under ``"score"``).
+Built-in synthetic tasks come from :mod:`mmtoken.world`; real benchmarks are read from local files in
+their official layouts by :mod:`mmtoken.benchmarks.readers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from PIL import Image
+
+from . import metrics
+
+
+@dataclass
+class Item:
+    """One benchmark sample. ``instruction`` is appended to the question (e.g. an answer-format hint)."""
+
+    id: str
+    image: Image.Image | None
+    question: str
+    answers: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    instruction: str = ""
+
+
+@dataclass
+class BenchTask:
+    """A benchmark task. ``per_sample(item, prediction) -> dict`` gives per-sample scores; ``aggregate(rows)``
+    (rows: dicts with ``item_id``, ``prediction``, ``answers``, ``meta``, ``scores``) gives the metrics."""
+
+    name: str
+    load: Callable[[int | None], list[Item]]
+    per_sample: Callable[[Item, str], dict[str, float]]
+    aggregate: Callable[[list[dict]], dict[str, float]]
+    max_new_tokens: int = 8
+    description: str = ""
+
+    def items(self, limit: int | None = None) -> list[Item]:
+        items = self.load(limit)
+        return items[:limit] if limit is not None else items
+
+
+def mean_of(key: str) -> Callable[[list[dict]], dict[str, float]]:
+    """Aggregate: the mean of one per-sample score, reported as ``score`` and under its own name."""
+
+    def agg(rows: list[dict]) -> dict[str, float]:
+        value = sum(r["scores"][key] for r in rows) / max(1, len(rows))
+        return {"score": value, key: value}
+
+    return agg
+
+
+def _first_word(prediction: str) -> str:
+    words = prediction.strip().split()
+    return words[0].strip(".,") if words else ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# synthetic tasks
+
+
+def _synthetic_items(task_name: str) -> Callable[[int | None], list[Item]]:
+    def load(limit: int | None) -> list[Item]:
+        from mmtoken.world import get_task, render
+
+        task = get_task(task_name)
+        n = task.test_size if limit is None else min(limit, task.test_size)
+        return [
+            Item(id=s.id, image=render(s.scene), question=s.question, answers=s.answers,
+                 meta={"family": s.family, "scene_seed": s.scene.seed})
+            for s in task.samples("test", n)
+        ]
+
+    return load
+
+
+def _synth_vqa_aggregate(rows: list[dict]) -> dict[str, float]:
+    out = mean_of("accuracy")(rows)
+    families: dict[str, list[float]] = {}
+    for r in rows:
+        families.setdefault(r["meta"].get("family", "?"), []).append(r["scores"]["accuracy"])
+    out.update({f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(families.items())})
+    return out
+
+
+def _pope_aggregate(rows: list[dict]) -> dict[str, float]:
+    m = metrics.pope_metrics([r["prediction"] for r in rows], [r["answers"][0] for r in rows])
+    return {"score": m["f1"], **m}
+
+
+TASKS: dict[str, BenchTask] = {
+    "synth-vqa": BenchTask(
+        "synth-vqa", _synthetic_items("synth-vqa"),
+        lambda item, pred: {"accuracy": metrics.exact_match(_first_word(pred), item.answers)},
+        _synth_vqa_aggregate, max_new_tokens=3,
+        description="synthetic VQA: colour, shape, count, position, relation, attribute-at-location, size",
+    ),
+    "synth-pope": BenchTask(
+        "synth-pope", _synthetic_items("synth-pope"),
+        lambda item, pred: {"accuracy": float(metrics.parse_pope_answer(pred) == item.answers[0])},
+        _pope_aggregate, max_new_tokens=3,
+        description="synthetic POPE: object existence, random / popular / adversarial negatives",
+    ),
+}
+
+
+def get_bench_task(name: str, data: str | None = None) -> BenchTask:
+    """A built-in task by name, or a real benchmark read from ``data`` (see ``readers``)."""
+    if name in TASKS:
+        return TASKS[name]
+    from . import readers
+
+    return readers.load_task(name, data)
