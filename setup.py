@@ -19,11 +19,11 @@ setup(
         "pillow",
         "tokenizers>=0.20",
         "tqdm",
+        "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "accelerate>=1.0"],
         "accelerate": ["accelerate>=1.0"],
-        "plot": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["mmtoken=mmtoken.cli:main"]},
 )
