@@ -57,26 +57,41 @@ def tiny_llava(
     attn: str = "sdpa",
     seed: int = 0,
     next: bool = False,
+    intermediate: tuple[int, int] | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    grid_pinpoints: list[list[int]] | None = None,
 ) -> torch.nn.Module:
-    """A random LLaVA-1.5-shaped model (or LLaVA-NeXT with ``next=True``) in eval mode."""
+    """A random LLaVA-1.5-shaped model (or LLaVA-NeXT with ``next=True``) in eval mode, built directly on
+    ``device`` in ``dtype`` (so 7B shapes initialise in seconds on a GPU). ``intermediate``: MLP widths
+    (vision, text); default 4x and 2x the hidden sizes."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
 
+    vcfg = _vision_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads)
+    tcfg = _text_config(text_hidden, text_layers, text_heads, text_kv_heads, vocab)
+    if intermediate is not None:
+        vcfg["intermediate_size"], tcfg["intermediate_size"] = intermediate
     kw = dict(
-        vision_config=_vision_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads),
-        text_config=_text_config(text_hidden, text_layers, text_heads, text_kv_heads, vocab),
+        vision_config=vcfg,
+        text_config=tcfg,
         image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
-    if next:
-        s = image_size
-        cfg = LlavaNextConfig(image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **kw)
-        model = LlavaNextForConditionalGeneration(cfg)
-    else:
-        cfg = LlavaConfig(**kw)
-        model = LlavaForConditionalGeneration(cfg)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if next:
+                s = image_size
+                pins = grid_pinpoints or [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+                model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=pins, **kw))
+            else:
+                model = LlavaForConditionalGeneration(LlavaConfig(**kw))
+    finally:
+        torch.set_default_dtype(old_dtype)
     model.set_attn_implementation(attn)
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]  # a random model may otherwise emit <image>
