@@ -10,7 +10,8 @@ from mmtoken.tokens import Selection
 
 SIZES = [(64, 128), (128, 128), (128, 64)]
 KEEP_ALL = ["random:keep=1.0", "pool:stride=1", "visionzip:keep=1.0,contextual_ratio=0", "fastv:keep=1.0"]
-COMPRESSING = ["random:keep=0.25", "pool", "visionzip:keep=0.25", "fastv:k=2,keep=0.25", "random:keep=0.5+fastv:k=1,keep=0.5"]
+COMPRESSING = ["random:keep=0.25", "pool", "visionzip:keep=0.25", "fastv:k=2,keep=0.25", "random:keep=0.5+fastv:k=1,keep=0.5",
+               "tome:keep=0.5", "tome:keep=0.5+random:keep=0.5+fastv:k=1,keep=0.5"]
 
 
 def _run(model, batch, new_tokens=6):
@@ -76,7 +77,32 @@ def test_crop_geometry_and_newlines(llava_next, batch):
     assert h.stats.image_tokens_in[1] == n + (2 * side) * (2 * side + 1)
 
 
-def test_vision_stage_is_refused_on_anyres(llava_next):
-    with pytest.raises(CompositionError, match="LLaVA-NeXT"):
-        mmtoken.apply(llava_next, "tome:keep=0.5")
-    assert "forward" not in llava_next.model.__dict__
+class NoMerge(mmtoken.Plugin):
+    """A vision-stage plugin that merges nothing: exercises the merge-aware packing on full grids."""
+
+    name = "no-merge-test"
+    stages = ("vision",)
+
+    def vision_layers(self, n_layers, n_tokens):
+        return [0]
+
+    def vision_merge(self, ctx):
+        pass
+
+
+def test_merge_aware_packing_equals_the_models_packing(llava_next, batch, reference):
+    with mmtoken.apply(llava_next, NoMerge(mmtoken.PluginConfig())):
+        logits, ids = _run(llava_next, batch)
+        assert "pack_image_features" in llava_next.model.__dict__
+    assert torch.equal(logits, reference[0]) and torch.equal(ids, reference[1])
+    assert "pack_image_features" not in llava_next.model.__dict__
+
+
+def test_tome_halves_every_view(llava_next, batch):
+    with mmtoken.apply(llava_next, "tome:keep=0.5") as h, torch.no_grad():
+        llava_next(**batch)
+    cfg = llava_next.config.vision_config
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    # the square image: 5 views of n patches -> n/2 each; its 2x2 crops form 2*side rows, each kept
+    side = cfg.image_size // cfg.patch_size
+    assert h.stats.image_tokens_out[1] == 5 * n // 2 + 2 * side
