@@ -94,6 +94,61 @@ def _pope_aggregate(rows: list[dict]) -> dict[str, float]:
     return {"score": m["f1"], **m}
 
 
+def _caption_aggregate(rows: list[dict]) -> dict[str, float]:
+    from mmtoken.world.tasks import caption_objects
+
+    mentioned = [{" ".join(o) for o in caption_objects(r["prediction"])} for r in rows]
+    present = [set(r["meta"]["objects"]) for r in rows]
+    m = metrics.chair_metrics(mentioned, present)
+    return {"score": m["chair_i"], **m}
+
+
+def _caption_items(limit: int | None) -> list[Item]:
+    items = _synthetic_items("synth-caption")(limit)
+    from mmtoken.world import sample_scene
+
+    for it in items:
+        it.meta["objects"] = sorted(o.name for o in sample_scene(it.meta["scene_seed"]).objects)
+    return items
+
+
+def format_scores(item: Item, prediction: str) -> dict[str, float]:
+    """``compliance``: the answer has the requested form; ``accuracy``: its content is right."""
+    import json as _json
+
+    fmt = item.meta["family"]
+    target = item.answers[0]
+    pred = prediction.strip()
+    if fmt == "upper":
+        ok = pred.isupper() and len(pred.split()) == 1
+        content = pred.lower()
+        truth = target.lower()
+    elif fmt == "json":
+        try:
+            value = _json.loads(pred)
+            ok = isinstance(value, dict) and set(value) == {"answer"} and isinstance(value["answer"], str)
+            content = value["answer"] if ok else ""
+        except ValueError:
+            ok, content = False, ""
+        truth = _json.loads(target)["answer"]
+    else:
+        ok = len(pred.split()) == 1
+        content, truth = pred, target
+    return {"compliance": float(ok), "accuracy": float(ok and content == truth)}
+
+
+def _format_aggregate(rows: list[dict]) -> dict[str, float]:
+    out = {"score": 0.0}
+    for key in ("compliance", "accuracy"):
+        out[key] = sum(r["scores"][key] for r in rows) / max(1, len(rows))
+    out["score"] = out["compliance"]
+    for fmt in ("upper", "json", "word"):
+        sub = [r for r in rows if r["meta"].get("family") == fmt]
+        if sub:
+            out[f"compliance_{fmt}"] = sum(r["scores"]["compliance"] for r in sub) / len(sub)
+    return out
+
+
 TASKS: dict[str, BenchTask] = {
     "synth-vqa": BenchTask(
         "synth-vqa", _synthetic_items("synth-vqa"),
@@ -106,6 +161,14 @@ TASKS: dict[str, BenchTask] = {
         lambda item, pred: {"accuracy": float(metrics.parse_pope_answer(pred) == item.answers[0])},
         _pope_aggregate, max_new_tokens=3,
         description="synthetic POPE: object existence, random / popular / adversarial negatives",
+    ),
+    "synth-caption": BenchTask(
+        "synth-caption", _caption_items, lambda item, pred: {}, _caption_aggregate, max_new_tokens=24,
+        description="synthetic captions; exact CHAIR_s / CHAIR_i (score = CHAIR_i, lower is better)",
+    ),
+    "synth-format": BenchTask(
+        "synth-format", _synthetic_items("synth-format"), format_scores, _format_aggregate, max_new_tokens=8,
+        description="synthetic instruction following: upper case / JSON / one word (score = compliance)",
     ),
 }
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from mmtoken.world import CELLS, get_task, render, sample_scene
@@ -106,3 +107,38 @@ def test_training_script_quick_mode(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
     assert model.config.image_token_id == 3
     assert (tmp_path / "curve.json").exists()
+
+
+def test_caption_lists_every_object_in_cell_order_and_chair_is_exact():
+    from mmtoken.benchmarks.tasks import TASKS
+    from mmtoken.world.tasks import caption, caption_objects
+
+    for seed in range(100):
+        s = sample_scene(seed)
+        assert caption_objects(caption(s)) == s.categories()
+    task = TASKS["synth-caption"]
+    items = task.items(3)
+    rows = [{"prediction": caption(sample_scene(it.meta["scene_seed"])), "meta": it.meta, "scores": {}} for it in items]
+    m = task.aggregate(rows)
+    assert m["chair_i"] == 0 and m["chair_s"] == 0 and m["recall"] == 1
+    # one invented object in the first caption: CHAIR_s = 1/3, CHAIR_i = 1 / (mentioned + 1)
+    rows[0]["prediction"] = rows[0]["prediction"][:-1] + "and red cross ."
+    invented = ("red", "cross") not in sample_scene(items[0].meta["scene_seed"]).categories()
+    mentioned = sum(len(sample_scene(it.meta["scene_seed"]).objects) for it in items) + 1
+    if invented:
+        m = task.aggregate(rows)
+        assert m["chair_s"] == pytest.approx(1 / 3) and m["chair_i"] == pytest.approx(1 / mentioned)
+
+
+def test_format_scoring():
+    from mmtoken.benchmarks.tasks import Item, format_scores
+
+    up = Item("x", None, "q", ["RED"], {"family": "upper"})
+    js = Item("y", None, "q", ['{ "answer" : "red" }'], {"family": "json"})
+    word = Item("z", None, "q", ["red"], {"family": "word"})
+    assert format_scores(up, "RED") == {"compliance": 1.0, "accuracy": 1.0}
+    assert format_scores(up, "red") == {"compliance": 0.0, "accuracy": 0.0}
+    assert format_scores(up, "BLUE") == {"compliance": 1.0, "accuracy": 0.0}
+    assert format_scores(js, '{ "answer" : "red" }') == {"compliance": 1.0, "accuracy": 1.0}
+    assert format_scores(js, '{ "answer" : red }') == {"compliance": 0.0, "accuracy": 0.0}
+    assert format_scores(word, "red circle") == {"compliance": 0.0, "accuracy": 0.0}

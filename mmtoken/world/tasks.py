@@ -7,6 +7,10 @@ training. Answers are single words of the world's vocabulary.
 * ``synth-vqa``: colour / shape / count / position / relation / attribute-at-location / size questions.
 * ``synth-pope``: "is there a <colour> <shape> ?" with random, popular and adversarial negatives
   (adversarial: the partner of a co-occurring pair whose other half is present), balanced yes / no.
+* ``synth-caption``: "describe the image ." -> the objects in reading order of their cells,
+  ``"red circle and blue square ."``; the objects mentioned are exact, so CHAIR_s / CHAIR_i are exact.
+* ``synth-format``: a synth-vqa question with a required answer format — upper case, JSON
+  (``{ "answer" : "red" }``) or one word — scored for compliance and for content.
 """
 
 from __future__ import annotations
@@ -121,6 +125,43 @@ def _pope_question(scene: Scene, rng: np.random.Generator, index: int) -> tuple[
     return kind, f"is there a {cat[0]} {cat[1]} ?", "no"
 
 
+def caption(scene: Scene) -> str:
+    objs = sorted(scene.objects, key=lambda o: o.cell)
+    names = [f"{o.colour} {o.shape}" for o in objs]
+    return (" , ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " ."
+
+
+def caption_objects(text: str) -> set[tuple[str, str]]:
+    """The (colour, shape) objects a caption mentions."""
+    words = text.replace(",", " ").replace(".", " ").split()
+    return {(a, b) for a, b in zip(words, words[1:]) if a in COLOURS and b in SHAPES}
+
+
+def _caption_question(scene: Scene, rng: np.random.Generator, index: int) -> tuple[str, str, str]:
+    return "caption", "describe the image .", caption(scene)
+
+
+FORMATS = {
+    "upper": "answer in upper case .",
+    "json": "answer in json .",
+    "word": "answer with one word .",
+}
+
+
+def formatted(answer: str, fmt: str) -> str:
+    if fmt == "upper":
+        return answer.upper()
+    if fmt == "json":
+        return '{ "answer" : "' + answer + '" }'
+    return answer
+
+
+def _format_question(scene: Scene, rng: np.random.Generator, index: int) -> tuple[str, str, str]:
+    family, question, answer = _vqa_question(scene, rng)
+    fmt = ("upper", "json", "word")[index % 3]
+    return fmt, f"{question} {FORMATS[fmt]}", formatted(answer, fmt)
+
+
 @dataclass
 class Task:
     name: str
@@ -146,6 +187,8 @@ class Task:
 TASKS: dict[str, Task] = {
     "synth-vqa": Task("synth-vqa", "accuracy", lambda s, r, i: _vqa_question(s, r)),
     "synth-pope": Task("synth-pope", "f1", _pope_question, test_size=900),
+    "synth-caption": Task("synth-caption", "chair_i", _caption_question, test_size=500),
+    "synth-format": Task("synth-format", "compliance", _format_question, test_size=600),
 }
 
 
@@ -163,5 +206,9 @@ def vocabulary() -> list[str]:
         for i in range(400):
             s = t.sample("train", i)
             words |= set(s.question.split()) | set(s.answers)
-    words |= {"question", "answer", "describe", "the", "image", "there", "is", "a", "and", "in"}
+    words |= {"question", "answer", "describe", "the", "image", "there", "is", "a", "and", "in", ",", "{", "}", '"answer"'}
+    answers = set(COLOURS) | set(SHAPES) | set(CELLS) | set(NUMBERS) | {"small", "large", "yes", "no"}
+    words |= {a.upper() for a in answers} | {f'"{a}"' for a in answers}
+    for f in FORMATS.values():
+        words |= set(f.split())
     return sorted(words)
