@@ -122,12 +122,14 @@ def test_caption_lists_every_object_in_cell_order_and_chair_is_exact():
     m = task.aggregate(rows)
     assert m["chair_i"] == 0 and m["chair_s"] == 0 and m["recall"] == 1
     # one invented object in the first caption: CHAIR_s = 1/3, CHAIR_i = 1 / (mentioned + 1)
-    rows[0]["prediction"] = rows[0]["prediction"][:-1] + "and red cross ."
-    invented = ("red", "cross") not in sample_scene(items[0].meta["scene_seed"]).categories()
+    from mmtoken.world.scenes import COLOURS, SHAPES
+
+    present = sample_scene(items[0].meta["scene_seed"]).categories()
+    colour, shape = next((c, s) for c in COLOURS for s in SHAPES if (c, s) not in present)
+    rows[0]["prediction"] = rows[0]["prediction"][:-1] + f"and {colour} {shape} ."
     mentioned = sum(len(sample_scene(it.meta["scene_seed"]).objects) for it in items) + 1
-    if invented:
-        m = task.aggregate(rows)
-        assert m["chair_s"] == pytest.approx(1 / 3) and m["chair_i"] == pytest.approx(1 / mentioned)
+    m = task.aggregate(rows)
+    assert m["chair_s"] == pytest.approx(1 / 3) and m["chair_i"] == pytest.approx(1 / mentioned)
 
 
 def test_format_scoring():
