@@ -1,0 +1,33 @@
+"""Render a sheet of held-out synthetic scenes with one question each: docs/img/world_samples.png."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmtoken.world import get_task, render  # noqa: E402
+
+
+def main(out: str = "docs/img/world_samples.png", n: int = 8, size: int = 192) -> None:
+    samples = get_task("synth-vqa").samples("test", n)
+    pad = 46
+    sheet = Image.new("RGB", (size * 4, (size + pad) * ((n + 3) // 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, s in enumerate(samples):
+        x, y = (i % 4) * size, (i // 4) * (size + pad)
+        sheet.paste(render(s.scene, size), (x, y))
+        q = s.question
+        draw.text((x + 4, y + size + 2), q[:34], fill="black")
+        draw.text((x + 4, y + size + 14), q[34:68], fill="black")
+        draw.text((x + 4, y + size + 28), f"-> {s.answers[0]}", fill=(0, 90, 0))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    sheet.save(out, optimize=True)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
