@@ -1,0 +1,64 @@
+"""Write docs/plugins/<name>.md for every built-in plugin from a bench summary.
+
+Each page: the plugin's docstring (algorithm, parameters, choices), then its measured rows beside the
+baselines at equal budgets, from ``summary.json`` of the command written on the page.
+
+    mmtoken bench --out runs/default && python scripts/plugin_pages.py runs/default/summary.json
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmtoken.benchmarks.report import family  # noqa: E402
+from mmtoken.plugin import plugin_registry  # noqa: E402
+
+BASELINES = {"none", "random", "pool", "visionzip", "fastv"}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| task | method | score | agreement | visual tokens | prefill ms | oracle prefill ms | plugin / oracle |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        p, o = r.get("prefill_s"), r.get("oracle_prefill_s")
+        ratio = f"{p / o:.2f}" if p and o else ""
+        agree = f"{m['agreement']:.3f}" if "agreement" in m else ""
+        out.append(f"| {r['task']} | `{r['method']}` | {m['score']:.3f} | {agree} | {r['visual_tokens']:.1f} | "
+                   f"{p * 1e3 if p else 0:.1f} | {o * 1e3 if o else 0:.1f} | {ratio} |")
+    return "\n".join(out)
+
+
+def main(summary_path: str, out_dir: str = "docs/plugins") -> None:
+    summary = json.load(open(summary_path))
+    rows = summary["rows"]
+    command = summary["env"].get("command", "mmtoken bench")
+    os.makedirs(out_dir, exist_ok=True)
+    for name, cls in sorted(plugin_registry().items()):
+        if name.startswith("oracle"):
+            continue
+        doc = inspect.getdoc(sys.modules[cls.__module__]) or ""
+        mine = [r for r in rows if name in family(r["method"]).split("+")]
+        others = [r for r in rows if family(r["method"]) in BASELINES - {name}]
+        page = [f"# `{name}`", "", doc, "", "## Measured", ""]
+        if mine:
+            page += [f"Model `{rows[0]['model']}`, {summary['env'].get('device_name') or summary['env'].get('device')}, "
+                     f"torch {summary['env']['torch']}, {summary['env']['threads']} threads. Reproduce with:", "",
+                     "```bash", command.replace(sys.argv[0], "mmtoken") if command else "mmtoken bench", "```", "",
+                     table(mine), "", "Baselines in the same run:", "", table(others), "",
+                     "`plugin / oracle` is the plugin's prefill time over its oracle's (the model simply fed the same "
+                     "visual tokens): its own overhead. `agreement`: share of answers identical to the uncompressed model's.", ""]
+        else:
+            page += ["Not in this run's summary.", ""]
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+            f.write("\n".join(page))
+        print(os.path.join(out_dir, f"{name}.md"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
