@@ -93,13 +93,13 @@ def encode_samples(tok, samples, n_img):
     return ids, lab, mask
 
 
-def question_batch(tasks, rng, n_images, q_per_image):
-    """``n_images`` fresh training scenes with ``q_per_image`` questions each (tasks drawn at random)."""
+def question_batch(tasks, rng, n_images, q_per_image, n_max=5):
+    """``n_images`` fresh training scenes (at most ``n_max`` objects) with ``q_per_image`` questions each."""
     from mmtoken.world.tasks import Sample
 
     samples = []
     for seed in rng.integers(0, 5_000_000, size=n_images):
-        scene = sample_scene(int(seed))
+        scene = sample_scene(int(seed), n_max=n_max)
         for _ in range(q_per_image):
             task = tasks[int(rng.integers(len(tasks)))]
             family, question, answer = task.make(scene, rng, int(rng.integers(1 << 30)))
@@ -107,8 +107,44 @@ def question_batch(tasks, rng, n_images, q_per_image):
     return samples
 
 
-def lm_loss(model, tok, samples, q_per_image, size):
-    """Answer loss with the ViT frozen: its features are computed without grad, the projector with."""
+def referents(question: str, scene) -> list:
+    """The objects a question is about, read off its words: "<colour> <shape>" pairs, else a shape or a
+    colour, else a layout cell, else every object ("how many objects")."""
+    from mmtoken.world.scenes import CELLS
+    from mmtoken.world.tasks import plural
+
+    words = question.split()
+    pairs = {(a, b) for a, b in zip(words, words[1:]) if a in COLOURS and b in SHAPES}
+    if pairs:
+        return [o for o in scene.objects if o.category in pairs]
+    shapes = {s for s in SHAPES if s in words or plural(s) in words}
+    if shapes:
+        return [o for o in scene.objects if o.shape in shapes]
+    colours = {c for c in COLOURS if c in words}
+    if colours:
+        return [o for o in scene.objects if o.colour in colours]
+    cells = {CELLS.index(w) for w in words if w in CELLS}
+    if cells:
+        return [o for o in scene.objects if o.cell in cells]
+    return list(scene.objects)
+
+
+def referent_mask(question: str, scene, grid: int) -> torch.Tensor:
+    """``[grid * grid]`` 1 for patches whose centre lies in an object the question is about."""
+    step = 96 / grid
+    centres = (torch.arange(grid) + 0.5) * step
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    mask = torch.zeros(grid, grid)
+    for o in referents(question, scene):
+        x0, y0, x1, y1 = o.box
+        mask[(cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)] = 1.0
+    return mask.flatten()
+
+
+def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2):
+    """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
+    With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
+    ``grounding_layer``, each image token predicts whether it belongs to an object the question is about."""
     n_img = model.config.vision_config.image_size // model.config.vision_config.patch_size
     ids, labels, mask = encode_samples(tok, samples, n_img * n_img)
     with torch.no_grad():
@@ -116,8 +152,16 @@ def lm_loss(model, tok, samples, q_per_image, size):
         vis = out.hidden_states[model.config.vision_feature_layer][:, 1:]
     feats = model.model.multi_modal_projector(vis).repeat_interleave(q_per_image, dim=0)
     emb = model.model.get_input_embeddings()(ids)
-    emb = emb.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), feats.to(emb.dtype))
-    return model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+    is_img = ids == model.config.image_token_id
+    emb = emb.masked_scatter(is_img.unsqueeze(-1), feats.to(emb.dtype))
+    out = model(inputs_embeds=emb, attention_mask=mask, labels=labels, output_hidden_states=grounding is not None)
+    if grounding is None:
+        return out.loss
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    target = torch.stack([referent_mask(s.question, s.scene, grid) for s in samples])
+    h = out.hidden_states[grounding_layer][is_img].view(len(samples), -1, out.hidden_states[0].shape[-1])
+    aux = F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
+    return out.loss + aux
 
 
 @torch.no_grad()
@@ -159,6 +203,10 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init", default=None, help="start from this saved model (e.g. to skip stage 1 with --vision-steps 0)")
+    p.add_argument("--grounding", type=float, default=1.0, help="1: add the dense grounding loss in stage 2; 0: off")
+    p.add_argument("--curriculum", type=float, default=0.3, help="share of stage 2 over which scenes grow from 1 to 5 objects")
+    p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
     if args.quick:
         args.vision_steps, args.lm_steps, args.eval_every, args.eval_n, args.images = 3, 3, 3, 20, 4
@@ -169,9 +217,16 @@ def main(argv=None):
 
     from transformers import LlavaForConditionalGeneration
 
-    tok = build_tokenizer(vocabulary())
-    config = tiny_llava_config(len(tok))
-    model = LlavaForConditionalGeneration(config)
+    if args.init:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.init)
+        model = LlavaForConditionalGeneration.from_pretrained(args.init)
+        config = model.config
+    else:
+        tok = build_tokenizer(vocabulary())
+        config = tiny_llava_config(len(tok))
+        model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation("sdpa")
     size = config.vision_config.image_size
     grid = size // config.vision_config.patch_size
@@ -197,15 +252,19 @@ def main(argv=None):
     # stage 2: language
     for prm in model.model.vision_tower.parameters():
         prm.requires_grad_(False)
+    grounding = torch.nn.Linear(config.text_config.hidden_size, 1) if args.grounding else None
     params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    params += list(grounding.parameters()) if grounding is not None else []
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     tasks = [get_task("synth-vqa"), get_task("synth-pope")]
     model.train()
+    ramp = max(1, int(args.curriculum * args.lm_steps))
     for step in range(args.lm_steps):
         for g in opt.param_groups:
-            g["lr"] = cosine(step, args.lm_steps, 100, 1e-3)
-        samples = question_batch(tasks, rng, args.images, args.questions)
-        loss = lm_loss(model, tok, samples, args.questions, size)
+            g["lr"] = cosine(step, args.lm_steps, 100, args.lr)
+        n_max = 1 + min(4, (4 * step) // ramp) if args.curriculum else 5
+        samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max)
+        loss = lm_loss(model, tok, samples, args.questions, size, grounding)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
