@@ -495,12 +495,11 @@ class LlavaAdapter:
         attention_mask = a.get("attention_mask")
         plan = None
         if feats:
-            if ids is None:
-                if any(n.shape[0] != f.shape[0] for n, f in zip(new_feats, feats)) or self._llm:
-                    raise MmtokenError("mmtoken needs input_ids (not inputs_embeds) to locate image tokens")
-            else:
+            if ids is not None:
                 plan = self._rewrite(a, ids, attention_mask, feats, new_feats)
-                image_out.pooler_output = new_feats
+            elif any(n.shape[0] != f.shape[0] for n, f in zip(new_feats, feats)) or self._llm:
+                raise MmtokenError("mmtoken needs input_ids (not inputs_embeds) to locate image tokens")
+            image_out.pooler_output = new_feats
         ids = a.get("input_ids")
         if ids is not None:
             image_mask = ids == self.image_token_id
@@ -741,7 +740,6 @@ class LlavaAdapter:
 
     def _add_bias(self, i: int, mask: Tensor | None, hidden: Tensor, run: RunState) -> Tensor:
         b, q = hidden.shape[:2]
-        cache_len = None
         if mask is not None:
             kv = mask.shape[-1]
         elif run.mode == "prefill":
@@ -756,7 +754,7 @@ class LlavaAdapter:
             mask = additive_mask(allowed, hidden.dtype)
         elif mask.dtype == torch.bool:
             mask = additive_mask(mask, hidden.dtype)
-        ctx = {"run": run, "hidden": hidden, "cache_len": cache_len}
+        ctx = {"run": run, "hidden": hidden}
         for p in self._bias_layers[i]:
             bias = p.attention_bias(i, q, kv, ctx)
             if bias is not None:
