@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=["mmtoken", "mmtoken.adapters", "mmtoken.world", "mmtoken.plugins", "mmtoken.benchmarks"],
     package_dir={"mmtoken": "mmtoken", "mmtoken.plugins": "plugins", "mmtoken.benchmarks": "benchmarks"},
+    package_data={"mmtoken": ["checkpoints/*/*.json", "checkpoints/*/*.safetensors"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "transformers>=5.20,<6",
