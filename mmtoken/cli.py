@@ -114,7 +114,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     task = get_bench_task(args.task, args.data)
     sizes = [int(x) for x in args.batch_size.split(",")]
     items = task.items(max(sizes))
-    print(f"| method | batch | prefill s | oracle prefill s | decode s/token | samples/s | tokens/s | peak mem MB | prefill GFLOPs |")
+    print("| method | batch | prefill s | oracle prefill s | decode s/token | samples/s | tokens/s | peak mem MB | prefill GFLOPs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for method in args.method or ["none"]:
         for b in sizes:

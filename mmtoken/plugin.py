@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 STAGES = ("vision", "visual", "llm", "attention", "decode")
 ENTRY_POINT_GROUP = "mmtoken.plugins"
-BUILTIN_PLUGINS = ("random", "pool", "visionzip", "fastv", "tome", "globalcom2", "corrcomp", "oracle")
+BUILTIN_PLUGINS = ("random", "pool", "visionzip", "fastv", "tome", "turbo", "globalcom2", "corrcomp", "oracle")
 
 
 @dataclass

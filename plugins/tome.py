@@ -8,7 +8,8 @@ token is never merged.
 
 Parameters: ``r`` tokens merged per layer (paper symbol r), in every ViT layer that feeds the projector;
 or the common budget (``keep`` / ``tokens`` of the ``N`` patch tokens), spread as evenly as possible over
-those layers (never more than half of a layer's mergeable tokens). Choice we made: after each merge the
+those layers (never more than half of a layer's mergeable tokens, except in the last used layer, which
+merges what is left in several bipartite rounds). Choice we made: after each merge the
 tokens are put back in spatial order (each token sits at its first patch), so the LLM sees the image in
 raster order as usual; ToMe's own order (unmerged A, then B) carries no meaning for a ViT but does for an
 LLM with positional encodings.
@@ -27,31 +28,58 @@ from mmtoken.plugin import Plugin, VisionContext, register_plugin
 
 
 def merge_schedule(n_tokens: int, n_layers: int, remove: int, protected: int = 1) -> list[int]:
-    """Tokens to merge in each of ``n_layers`` layers so that ``remove`` tokens go in all (as evenly as
-    possible, at most half of the mergeable tokens per layer). ``n_tokens`` counts the protected ones."""
+    """Tokens to merge in each of ``n_layers`` layers so that ``remove`` tokens go in all: as evenly as
+    possible, at most half of the mergeable tokens per layer (one bipartite round), except the last layer,
+    which takes whatever is left (in several rounds, see :func:`merge_rounds`). ``n_tokens`` counts the
+    protected ones."""
+    remove = max(0, min(remove, n_tokens - protected - 1))
     sched = []
     left = remove
     t = n_tokens
     for i in range(n_layers):
         want = -(-left // (n_layers - i)) if left > 0 else 0
-        r = min(want, (t - protected) // 2)
+        r = want if i == n_layers - 1 else min(want, (t - protected) // 2)
         sched.append(r)
         left -= r
         t -= r
     return sched
 
 
-def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, pos: Tensor, r: int, protect_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+def merge_rounds(x: Tensor, metric: Tensor, sizes: Tensor, pos: Tensor, r: int, protect_first: bool,
+                 penalty: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge ``r`` tokens, in as many bipartite rounds as needed (one round merges at most half of the
+    mergeable tokens). The metric and penalty of merged tokens are size-weighted means, like the tokens."""
+    d, c = x.shape[-1], metric.shape[-1]
+    while r > 0:
+        step = min(r, (x.shape[1] - int(protect_first)) // 2)
+        if step <= 0:
+            break
+        if step == r:
+            return bipartite_merge(x, metric, sizes, pos, step, protect_first, penalty)
+        extra = [metric.float()] + ([penalty[..., None].float()] if penalty is not None else [])
+        merged, sizes, pos = bipartite_merge(torch.cat([x.float()] + extra, -1), metric, sizes, pos, step, protect_first, penalty)
+        x, metric = merged[..., :d].to(x.dtype), merged[..., d : d + c]
+        penalty = merged[..., -1] if penalty is not None else None
+        r -= step
+    return x, sizes, pos
+
+
+def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, pos: Tensor, r: int, protect_first: bool,
+                    penalty: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One step of ToMe's bipartite soft matching with size-weighted merging.
 
     ``x`` ``[B, T, D]`` tokens, ``metric`` ``[B, T, C]`` keys, ``sizes`` ``[B, T]``, ``pos`` ``[B, T]`` first patch
-    of each token. Returns the merged ``(x, sizes, pos)`` with ``T - r`` tokens in ascending ``pos`` order."""
+    of each token. ``penalty`` ``[B, T]``, if given, is subtracted from every score of the A-token it belongs
+    to (Turbo's informativity term). Returns the merged ``(x, sizes, pos)`` with ``T - r`` tokens in
+    ascending ``pos`` order."""
     if r <= 0:
         return x, sizes, pos
     b, t, d = x.shape
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a_m, b_m = metric[:, ::2], metric[:, 1::2]
     scores = a_m.float() @ b_m.float().transpose(-1, -2)
+    if penalty is not None:
+        scores = scores - penalty[:, ::2, None].float()
     if protect_first:
         scores[:, 0, :] = float("-inf")
     node_max, node_idx = scores.max(dim=-1)
@@ -107,4 +135,4 @@ class ToMePlugin(Plugin):
         r = self._schedule[ctx.layer]
         b, t, d = ctx.keys.shape
         metric = ctx.keys.view(b, t, ctx.num_heads, -1).mean(2)
-        ctx.x, ctx.sizes, ctx.pos = bipartite_merge(ctx.x, metric, ctx.sizes, ctx.pos, r, ctx.has_cls)
+        ctx.x, ctx.sizes, ctx.pos = merge_rounds(ctx.x, metric, ctx.sizes, ctx.pos, r, ctx.has_cls)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import mmtoken
-from mmtoken.errors import CompositionError
 from mmtoken.testing import make_next_batch, select_rows
 from mmtoken.tokens import Selection
 

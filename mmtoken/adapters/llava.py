@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import types
 import weakref
 from dataclasses import dataclass, field
