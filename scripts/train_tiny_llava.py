@@ -141,10 +141,16 @@ def referent_mask(question: str, scene, grid: int) -> torch.Tensor:
     return mask.flatten()
 
 
-def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2):
+ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
+
+
+def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
-    ``grounding_layer``, each image token predicts whether it belongs to an object the question is about."""
+    ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
+    With ``readout`` (a linear head over the vocabulary), questions about one object's attribute add a
+    second dense loss at layer ``readout_layer``: the object's image tokens predict the answer, the other
+    image tokens predict ``<pad>`` (nothing to report)."""
     n_img = model.config.vision_config.image_size // model.config.vision_config.patch_size
     ids, labels, mask = encode_samples(tok, samples, n_img * n_img)
     with torch.no_grad():
@@ -159,8 +165,17 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
         return out.loss
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     target = torch.stack([referent_mask(s.question, s.scene, grid) for s in samples])
-    h = out.hidden_states[grounding_layer][is_img].view(len(samples), -1, out.hidden_states[0].shape[-1])
+    d = out.hidden_states[0].shape[-1]
+    h = out.hidden_states[grounding_layer][is_img].view(len(samples), -1, d)
     aux = F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
+    if readout is not None:
+        rows = [i for i, s in enumerate(samples) if s.family in ATTRIBUTE_FAMILIES and target[i].any()]
+        if rows:
+            answer = torch.tensor([tok.convert_tokens_to_ids(samples[i].answers[0]) for i in rows])
+            labels_r = torch.where(target[rows] > 0, answer[:, None], torch.full_like(target[rows], tok.pad_token_id).long())
+            hr = out.hidden_states[readout_layer][is_img].view(len(samples), -1, d)[rows]
+            logits_r = readout(hr)
+            aux = aux + F.cross_entropy(logits_r.reshape(-1, logits_r.shape[-1]), labels_r.long().reshape(-1))
     return out.loss + aux
 
 
@@ -206,10 +221,12 @@ def main(argv=None):
     p.add_argument("--init", default=None, help="start from this saved model (e.g. to skip stage 1 with --vision-steps 0)")
     p.add_argument("--grounding", type=float, default=1.0, help="1: add the dense grounding loss in stage 2; 0: off")
     p.add_argument("--curriculum", type=float, default=0.3, help="share of stage 2 over which scenes grow from 1 to 5 objects")
+    p.add_argument("--readout", type=float, default=1.0, help="1: add the dense answer-readout loss in stage 2; 0: off")
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
     if args.quick:
-        args.vision_steps, args.lm_steps, args.eval_every, args.eval_n, args.images = 3, 3, 3, 20, 4
+        args.vision_steps = min(args.vision_steps, 3)
+        args.lm_steps, args.eval_every, args.eval_n, args.images = 3, 3, 20, 4
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -253,8 +270,11 @@ def main(argv=None):
     for prm in model.model.vision_tower.parameters():
         prm.requires_grad_(False)
     grounding = torch.nn.Linear(config.text_config.hidden_size, 1) if args.grounding else None
+    d_lm = config.text_config.hidden_size
+    readout = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, len(tok))) if args.readout and grounding is not None else None
     params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
-    params += list(grounding.parameters()) if grounding is not None else []
+    for head in (grounding, readout):
+        params += list(head.parameters()) if head is not None else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     tasks = [get_task("synth-vqa"), get_task("synth-pope")]
     model.train()
@@ -264,7 +284,7 @@ def main(argv=None):
             g["lr"] = cosine(step, args.lm_steps, 100, args.lr)
         n_max = 1 + min(4, (4 * step) // ramp) if args.curriculum else 5
         samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max)
-        loss = lm_loss(model, tok, samples, args.questions, size, grounding)
+        loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
