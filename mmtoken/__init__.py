@@ -44,12 +44,15 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from .handle import Handle, apply  # noqa: E402
+from .models import builtin_models, load_model  # noqa: E402
 from .plugin import Plugin, list_plugins, parse_spec, register_plugin  # noqa: E402
 
 __all__ = [
     "apply",
     "Handle",
     "list_plugins",
+    "load_model",
+    "builtin_models",
     "parse_spec",
     "register_plugin",
     "Plugin",
