@@ -1,0 +1,39 @@
+"""Copy a trained model into the package as a built-in checkpoint (fp16 safetensors + JSON files).
+
+    python scripts/ship_model.py runs/tiny-llava tiny-llava
+
+Reads ``SRC/model`` and ``SRC/curve.json`` (the training script's output) and writes
+``mmtoken/checkpoints/NAME`` with the weights in float16 (loaded back as float32 by ``load_model``), the
+tokenizer, processor and prompt card, and ``training_curve.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(src: str, name: str) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    dst = os.path.join(ROOT, "mmtoken", "checkpoints", name)
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    model = LlavaForConditionalGeneration.from_pretrained(os.path.join(src, "model"), dtype=torch.float16)
+    model.save_pretrained(dst, safe_serialization=True)
+    AutoProcessor.from_pretrained(os.path.join(src, "model")).save_pretrained(dst)
+    shutil.copy(os.path.join(src, "model", "mmtoken_world.json"), dst)
+    curve = json.load(open(os.path.join(src, "curve.json")))
+    with open(os.path.join(dst, "training_curve.json"), "w") as f:
+        json.dump(curve, f, indent=1)
+    print(dst, sorted(os.listdir(dst)))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
