@@ -94,7 +94,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         models=models, tasks=args.task or DEFAULT_TASKS, methods=args.method or DEFAULT_METHODS, out=args.out,
         limit=args.limit if args.limit is not None else (None if args.task else 300), batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, data=args.data, seed=args.seed, speed=not args.no_speed,
-        speed_repeats=args.repeats, command=" ".join(sys.argv),
+        speed_repeats=args.repeats, command="mmtoken " + " ".join(sys.argv[1:]),
     )
     if args.threads:
         torch.set_num_threads(args.threads)

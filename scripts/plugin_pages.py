@@ -49,7 +49,7 @@ def main(summary_path: str, out_dir: str = "docs/plugins") -> None:
         if mine:
             page += [f"Model `{rows[0]['model']}`, {summary['env'].get('device_name') or summary['env'].get('device')}, "
                      f"torch {summary['env']['torch']}, {summary['env']['threads']} threads. Reproduce with:", "",
-                     "```bash", command.replace(sys.argv[0], "mmtoken") if command else "mmtoken bench", "```", "",
+                     "```bash", command or "mmtoken bench", "```", "",
                      table(mine), "", "Baselines in the same run:", "", table(others), "",
                      "`plugin / oracle` is the plugin's prefill time over its oracle's (the model simply fed the same "
                      "visual tokens): its own overhead. `agreement`: share of answers identical to the uncompressed model's.", ""]
