@@ -169,7 +169,6 @@ class Stats:
     image_tokens_in: list[int] = field(default_factory=list)  # per image, before any visual plugin
     image_tokens_out: list[int] = field(default_factory=list)  # per image, entering the LLM
     llm_visual_tokens: dict[int, list[int]] = field(default_factory=dict)  # layer -> per sample
-    vision_tokens: list[int] = field(default_factory=list)  # per ViT layer output (first image)
 
 
 class _Undo:
