@@ -81,3 +81,34 @@ def vit_cls_attention(attn: torch.nn.Module, hidden: Tensor, bias: Tensor | None
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)).squeeze(2) * attn.scale
     biased = logits if bias is None else logits + bias.reshape(b, 1, -1).float()
     return torch.softmax(biased, dim=-1), logits
+
+
+def llm_rows_against_cache(
+    attn: torch.nn.Module,
+    hidden: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    cached_keys: Tensor,
+    mask: Tensor | None,
+) -> Tensor:
+    """During decoding: attention probabilities ``[B, H, q, S + q]`` of the ``q`` new tokens (``hidden``, the
+    attention module's input) over the ``S`` cached keys (post-RoPE, ``[B, H_kv, S, d]``) and themselves."""
+    b, q, _ = hidden.shape
+    head_dim = attn.head_dim
+    cos, sin = position_embeddings
+    qs = attn.q_proj(hidden).view(b, q, -1, head_dim).transpose(1, 2)
+    ks = attn.k_proj(hidden).view(b, q, -1, head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        qs, ks = attn.q_norm(qs), attn.k_norm(ks)
+    qs, ks = _rotary_fn(attn)(qs, ks, cos, sin)
+    k = torch.cat([cached_keys.to(ks.dtype), ks], dim=2)
+    groups = qs.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(qs.float(), k.float().transpose(-1, -2)) * attn.scaling
+    s_total = k.shape[2]
+    causal = torch.ones(q, s_total, dtype=torch.bool, device=hidden.device).tril(diagonal=s_total - q)
+    scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        m = mask[..., :s_total]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    return torch.softmax(scores, dim=-1)

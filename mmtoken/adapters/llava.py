@@ -105,6 +105,7 @@ class SeqPlan:
     new_mask: Tensor  # [B, L0] mask of the sequence the LLM really received
     shift: Tensor  # [B] original real tokens minus received real tokens
     layers: dict[int, LayerPlan] = field(default_factory=dict)
+    image_mask: Tensor | None = None  # [B, L0] which received positions are visual tokens
 
 
 @dataclass
@@ -507,6 +508,7 @@ class LlavaAdapter:
         valid = am.bool() if am is not None and am.dim() == 2 else torch.ones_like(image_mask)
         if plan is None:
             plan = SeqPlan(orig_len=image_mask.shape[1], new_mask=valid.long(), shift=torch.zeros(image_mask.shape[0], dtype=torch.long, device=image_mask.device))
+        plan.image_mask = image_mask
         self._run = RunState(mode="prefill", image_mask=image_mask, valid=valid, plan=plan)
         new_ids = a.get("input_ids")
         memo = self._memo
@@ -683,7 +685,7 @@ class LlavaAdapter:
                 kwargs["attention_mask"] = self._prefill_mask(run, hidden.dtype)
             run.plan.layers[i] = LayerPlan(run.idx, run.dummy)
         if i in self._bias_layers:
-            kwargs["attention_mask"] = self._add_bias(i, kwargs.get("attention_mask"), hidden, run)
+            kwargs["attention_mask"] = self._add_bias(i, kwargs.get("attention_mask"), hidden, run, kwargs)
         vis = self._current(run.image_mask, run)
         if run.dummy is not None:
             vis = vis & ~run.dummy
@@ -732,11 +734,15 @@ class LlavaAdapter:
                 kwargs["attention_mask"] = additive_mask(allowed[:, None], hidden.dtype)
                 changed = True
         if i in self._bias_layers:
-            kwargs["attention_mask"] = self._add_bias(i, kwargs.get("attention_mask"), hidden, run)
-            changed = True
+            mask = kwargs.get("attention_mask")
+            new = self._add_bias(i, mask, hidden, run, kwargs)
+            if new is not mask:
+                kwargs["attention_mask"] = new
+                changed = True
         return (args, kwargs) if changed else None
 
-    def _add_bias(self, i: int, mask: Tensor | None, hidden: Tensor, run: RunState) -> Tensor:
+    def _add_bias(self, i: int, mask: Tensor | None, hidden: Tensor, run: RunState, kwargs: dict) -> Tensor | None:
+        """The layer's mask plus the attention plugins' biases; the mask itself when no plugin adds one."""
         b, q = hidden.shape[:2]
         if mask is not None:
             kv = mask.shape[-1]
@@ -747,16 +753,25 @@ class LlavaAdapter:
             lp = run.plan.layers.get(i)
             if lp is not None and lp.idx is not None:
                 kv = kv - run.plan.new_mask.shape[1] + lp.idx.shape[1]
+        ctx: dict[str, Any] = {"run": run, "hidden": hidden, "module": self.layers[i], "kwargs": kwargs, "mask": mask}
+        if run.mode == "prefill":
+            valid = self._current(run.valid, run)
+            if run.dummy is not None:
+                valid = valid & ~run.dummy
+            ctx["valid"], ctx["image_mask"] = valid, self._current(run.image_mask, run) & valid
+        else:
+            lp = run.plan.layers.get(i)
+            ctx["prefill_image_mask"] = run.plan.image_mask if lp is None or lp.idx is None else None
+        biases = [bias for p in self._bias_layers[i] if (bias := p.attention_bias(i, q, kv, ctx)) is not None]
+        if not biases:
+            return mask
         if mask is None:
             allowed = torch.ones(b, 1, q, kv, dtype=torch.bool, device=hidden.device).tril(diagonal=kv - q)
             mask = additive_mask(allowed, hidden.dtype)
         elif mask.dtype == torch.bool:
             mask = additive_mask(mask, hidden.dtype)
-        ctx = {"run": run, "hidden": hidden}
-        for p in self._bias_layers[i]:
-            bias = p.attention_bias(i, q, kv, ctx)
-            if bias is not None:
-                mask = mask + bias.to(mask.dtype)
+        for bias in biases:
+            mask = mask + bias.to(mask.dtype)
         return mask
 
     def _rows_pre(self, i: int, queries: str, module: Any, args: tuple, kwargs: dict) -> None:
