@@ -106,18 +106,28 @@ class LlavaNextAdapter(LlavaAdapter):
         self._merged_layouts = None
 
     def _assemble(self, kept: Tensor, meta: ImageMeta, alive: Tensor, extras: list[Tensor]) -> Tensor:
-        lines = meta.packed_row[alive]
-        newline = meta.newline.to(kept.dtype)[None]
-        parts: list[Tensor] = []
-        start = 0
-        n = int(alive.numel())
-        for j in range(n):
-            if j == n - 1 or bool(lines[j + 1] != lines[j]):
-                parts.append(kept[start : j + 1])
-                if int(lines[j]) >= 0:
-                    parts.append(newline)
-                start = j + 1
-        return torch.cat(parts + extras, dim=0) if parts or extras else kept[:0]
+        packed, _ = with_newlines(kept, meta.packed_row[alive], meta.newline)
+        return torch.cat([packed] + extras, dim=0)
+
+
+def with_newlines(tokens: Tensor, lines: Tensor, newline: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``tokens`` ``[n, D]`` in packed order with a newline after the last token of every line (``lines``
+    ``[n]``, non-decreasing; -1: a token whose line has no newline, the base view of AnyRes images).
+    Returns the packed tensor and each token's position in it."""
+    lines = lines.to(tokens.device)
+    n = tokens.shape[0]
+    ends = torch.ones(n, dtype=torch.bool, device=tokens.device)
+    if n > 1:
+        ends[:-1] = lines[1:] != lines[:-1]
+    ends &= lines >= 0
+    if newline is None or n == 0 or not bool(ends.any()):
+        return tokens, torch.arange(n, device=tokens.device)
+    before = torch.cumsum(ends.long(), 0) - ends.long()  # newlines inserted before each token
+    pos = torch.arange(n, device=tokens.device) + before
+    out = torch.empty(n + int(ends.sum()), tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+    out[pos] = tokens
+    out[pos[ends] + 1] = newline.to(tokens.dtype)
+    return out, pos
 
 
 def _merged_pack(adapter: LlavaNextAdapter):
@@ -152,23 +162,10 @@ def _merged_pack(adapter: LlavaNextAdapter):
             if layout.n_views > 1:
                 tok_line = torch.where(vw == 0, torch.full_like(tok_line, -1), tok_line)
             patch = pos.flatten().cpu()[order]
-            packed_pos, pieces, cursor = [], [], 0
-            nl = image_newline.to(flat.dtype)[None] if image_newline is not None else None
-            for j in range(flat.shape[0]):
-                packed_pos.append(cursor)
-                cursor += 1
-                if nl is not None and int(tok_line[j]) >= 0 and (j == flat.shape[0] - 1 or int(tok_line[j + 1]) != int(tok_line[j])):
-                    pieces.append((j, cursor))
-                    cursor += 1
-            chunks, prev = [], 0
-            for j, _ in pieces:
-                chunks += [flat[prev : j + 1], nl]
-                prev = j + 1
-            chunks.append(flat[prev:])
-            packed = torch.cat(chunks, dim=0)
+            packed, packed_pos = with_newlines(flat, tok_line, image_newline)
             out.append(packed)
             lens.append(packed.shape[0])
-            layouts.append((torch.tensor(packed_pos), vw, patch, tok_line, size.flatten().cpu()[order], layout.n_views, layout.crop_grid, src))
+            layouts.append((packed_pos.cpu(), vw, patch, tok_line, size.flatten().cpu()[order], layout.n_views, layout.crop_grid, src))
             offset += v
         adapter._merged_layouts = layouts
         return out, torch.tensor(lens, dtype=torch.long, device=image_features[0].device)
