@@ -186,3 +186,15 @@ def test_eager_attention_model_batch_equals_single():
             l1, g1 = _run(model, select_rows(batch, i))
             assert torch.allclose(l1[0], logits[i], atol=1e-4)
             assert torch.equal(g1[0], ids[i, -g1.shape[1]:])
+
+
+def test_vision_stage_with_beam_search_equals_single(llava):
+    """generate() groups image features for beams by matching counts to placeholders; after a ViT merge the
+    adapter groups them by placeholder runs instead, so every sample keeps its own image."""
+    batch = make_batch(llava, 3, seed=15)
+    with mmtoken.apply(llava, "tome:keep=0.5"), torch.no_grad():
+        ids = llava.generate(**batch, max_new_tokens=5, min_new_tokens=5, num_beams=2, do_sample=False)
+        for i in range(3):
+            one = llava.generate(**select_rows(batch, i), max_new_tokens=5, min_new_tokens=5, num_beams=2, do_sample=False)
+            assert torch.equal(one[0, -5:], ids[i, -5:])
+    assert "_expand_multimodal_outputs" not in llava.__dict__

@@ -275,6 +275,8 @@ class LlavaAdapter:
                     "CLS-attention plugins need the 'default' strategy"
                 )
         self._install_vision(by_stage["vision"])
+        if by_stage["vision"]:
+            self._undo.set_attr(self.model, "_expand_multimodal_outputs", self._wrap_expand(self.model._expand_multimodal_outputs))
         self._undo.set_attr(self.base, "get_image_features", self._wrap_get_image_features(self.base.get_image_features))
         self._undo.set_attr(self.base, "forward", self._wrap_forward(self.base.forward))
         self._install_llm()
@@ -325,6 +327,30 @@ class LlavaAdapter:
                 continue
             here = per_layer.get(i, [])
             self._undo.set_attr(layer, "forward", types.MethodType(_make_vit_layer_forward(adapter, i, n_used, here, heads), layer))
+
+    def _wrap_expand(self, orig: Callable) -> Callable:
+        """``generate()`` expands image features for beams / several return sequences by matching their
+        counts to the placeholders, which a vision-stage merge has changed; group them by each sample's
+        placeholder runs instead (one run per image)."""
+        adapter = self
+
+        @functools.wraps(orig)
+        def expand(input_ids: Tensor, mm_encoder_output: dict, expand_size: int = 1, inputs_embeds: Tensor | None = None) -> dict:
+            out = mm_encoder_output.get("image")
+            if out is None or input_ids is None or expand_size == 1:
+                return orig(input_ids, mm_encoder_output, expand_size=expand_size, inputs_embeds=inputs_embeds)
+            feats = list(out.pooler_output)
+            counts = [len(placeholder_runs(row, adapter.image_token_id)) for row in input_ids]
+            if sum(counts) != len(feats):
+                raise MmtokenError(f"found {sum(counts)} runs of image tokens for {len(feats)} images")
+            groups, start = [], 0
+            for c in counts:
+                groups.append(feats[start : start + c])
+                start += c
+            out.pooler_output = [f for g in groups for _ in range(expand_size) for f in g]
+            return mm_encoder_output
+
+        return expand
 
     # -- visual stage: capture ------------------------------------------------------------------
     def _wrap_get_image_features(self, orig: Callable) -> Callable:
