@@ -199,6 +199,11 @@ class BudgetConfig(PluginConfig):
         if self.keep is not None and self.tokens is not None:
             raise ConfigError(f"{self.plugin_name}: give at most one of keep= and tokens=")
 
+    def refuse_with_budget(self, given: bool, what: str) -> None:
+        """Raise when a plugin's own size parameters (``what``, e.g. ``"r="``) are ``given`` with the budget."""
+        if given and self.has_budget:
+            raise ConfigError(f"{self.plugin_name}: give either {what} or the budget (keep= / tokens=), not both")
+
     def budget(self, n: int, default_keep: float | None = None) -> int:
         """Tokens to keep out of ``n`` under this budget (``n`` when no budget and no default)."""
         if self.tokens is not None:

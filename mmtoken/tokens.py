@@ -70,6 +70,14 @@ class VisualTokens:
     def segments(self) -> list[int]:
         return sorted(set(self.segment.tolist()))
 
+    def view(self, segment: int) -> Tensor:
+        """Indices of the tokens of one view (0: base image / thumbnail, c >= 1: crop c)."""
+        return (self.segment == segment).nonzero().flatten()
+
+    def views(self):
+        """``(segment, indices)`` of every view present, in order."""
+        return [(s, self.view(s)) for s in self.segments()]
+
     def require(self, what: str, layer: int) -> Tensor:
         """``self.cls_attn[layer]`` (or ``cls_logits`` / ``keys``), with a clear error if it was not captured."""
         table = getattr(self, what)

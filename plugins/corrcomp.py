@@ -95,8 +95,7 @@ class CorrCompPlugin(Plugin):
         shallow = tokens.require("cls_attn", c.shallow)
         keys = tokens.require("keys", c.shallow)
         keep = []
-        for view in tokens.segments():
-            idx = (tokens.segment == view).nonzero().flatten()
+        for view, idx in tokens.views():
             n_sample = None
             if c.has_budget:
                 n_sample = c.budget(idx.numel()) - int(iqr_outliers(deep[idx]).numel())

@@ -43,8 +43,7 @@ class FastVConfig(BudgetConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.r is not None and self.has_budget:
-            raise ConfigError("fastv: give either r= or the budget (keep= / tokens=), not both")
+        self.refuse_with_budget(self.r is not None, "r=")
 
     def n_keep(self, n_image: int) -> int:
         if n_image == 0:

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmtoken.config import BudgetConfig, param
-from mmtoken.errors import ConfigError
 from mmtoken.plugin import Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualRequest, VisualTokens
 
@@ -71,8 +70,7 @@ class GlobalCom2Config(BudgetConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.r is not None and self.has_budget:
-            raise ConfigError("globalcom2: give either r= or the budget (keep= / tokens=), not both")
+        self.refuse_with_budget(self.r is not None, "r=")
 
 
 @register_plugin
@@ -109,7 +107,7 @@ class GlobalCom2Plugin(Plugin):
         r = self.retention(len(tokens))
         score = self.scores(tokens)
         h, w = tokens.grid
-        thumb_idx = (tokens.segment == 0).nonzero().flatten()
+        thumb_idx = tokens.view(0)
         keep = [thumb_idx[torch.topk(score[thumb_idx], max(1, int(thumb_idx.numel() * r))).indices]]
         if tokens.crop_grid is not None and thumb_idx.numel() == h * w:
             gh, gw = tokens.crop_grid
@@ -119,7 +117,7 @@ class GlobalCom2Plugin(Plugin):
             scale = crop_budgets(thumb, (gh, gw), r, self.config.tau)
             canvas = global_scores(thumb, (gh, gw), (h, w))
             for c in range(1, gh * gw + 1):
-                idx = (tokens.segment == c).nonzero().flatten()
+                idx = tokens.view(c)
                 if idx.numel() == 0:
                     continue
                 cr, cc = divmod(c - 1, gw)

@@ -62,8 +62,7 @@ class PoolPlugin(Plugin):
         keep, feats = [], []
         rows, cols = tokens.grid
         oh, ow = self.out_grid(rows, cols)
-        for seg in tokens.segments():
-            idx = (tokens.segment == seg).nonzero().flatten()
+        for _, idx in tokens.views():
             if oh == rows and ow == cols:
                 keep.append(idx)
                 feats.append(tokens.features[idx])

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from mmtoken.config import BudgetConfig, param
-from mmtoken.errors import ConfigError
 from mmtoken.plugin import Plugin, VisionContext, register_plugin
 
 
@@ -112,8 +111,7 @@ class ToMeConfig(BudgetConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.r is not None and self.has_budget:
-            raise ConfigError("tome: give either r= or the budget (keep= / tokens=), not both")
+        self.refuse_with_budget(self.r is not None, "r=")
 
 
 @register_plugin

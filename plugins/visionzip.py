@@ -85,8 +85,7 @@ class VisionZipPlugin(Plugin):
         keys = tokens.require("keys", layer)
         heads = self.config.num_heads or tokens.vit_heads
         keep, extra = [], []
-        for seg in tokens.segments():
-            idx = (tokens.segment == seg).nonzero().flatten()
+        for _, idx in tokens.views():
             dom, ctx = visionzip_select(attn[idx], keys[idx], tokens.vision_features[idx], *self.split(idx.numel()), heads)
             keep.append(idx[dom])
             extra.append(ctx)

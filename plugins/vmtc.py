@@ -80,8 +80,7 @@ class VMTCConfig(BudgetConfig):
         super().validate()
         if (self.primary is None) != (self.k is None):
             raise ConfigError("vmtc: give both primary= and k=, or neither")
-        if self.primary is not None and self.has_budget:
-            raise ConfigError("vmtc: give either primary= and k= or the budget (keep= / tokens=), not both")
+        self.refuse_with_budget(self.primary is not None, "primary= and k=")
 
 
 @register_plugin
@@ -104,8 +103,7 @@ class VMTCPlugin(Plugin):
     def select(self, tokens: VisualTokens) -> Selection:
         importance = tokens.require("cls_attn", self.config.layer)
         keep, extra = [], []
-        for view in tokens.segments():
-            idx = (tokens.segment == view).nonzero().flatten()
+        for _, idx in tokens.views():
             primary, merged = vmtc_select(importance[idx], tokens.vision_features[idx], *self.split(idx.numel()), self.config.iters)
             keep.append(idx[primary])
             extra.append(merged)

@@ -662,6 +662,11 @@ class LlavaAdapter:
     def _current(self, x: Tensor | None, run: RunState) -> Tensor | None:
         return x if run.idx is None or x is None else x.gather(1, run.idx)
 
+    def _current_valid(self, run: RunState) -> Tensor:
+        """Real (not padding, not dummy) positions of the layer's current sequence."""
+        valid = self._current(run.valid, run)
+        return valid if run.dummy is None else valid & ~run.dummy
+
     def _layer_pre(self, i: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         run = self._run
         if run.mode == "off":
@@ -671,9 +676,7 @@ class LlavaAdapter:
         hidden = args[0] if args else kwargs["hidden_states"]
         if i in self._drops:
             plugin, drop = self._drops[i]
-            valid = self._current(run.valid, run)
-            if run.dummy is not None:
-                valid = valid & ~run.dummy
+            valid = self._current_valid(run)
             image_mask = self._current(run.image_mask, run) & valid
             rows = run.rows.get(drop.rows_from) if drop.rows_from is not None else None
             ctx = LLMContext(
@@ -781,9 +784,7 @@ class LlavaAdapter:
                 kv = kv - run.plan.new_mask.shape[1] + lp.idx.shape[1]
         ctx: dict[str, Any] = {"run": run, "hidden": hidden, "module": self.layers[i], "kwargs": kwargs, "mask": mask}
         if run.mode == "prefill":
-            valid = self._current(run.valid, run)
-            if run.dummy is not None:
-                valid = valid & ~run.dummy
+            valid = self._current_valid(run)
             ctx["valid"], ctx["image_mask"] = valid, self._current(run.image_mask, run) & valid
         else:
             lp = run.plan.layers.get(i)
@@ -805,9 +806,7 @@ class LlavaAdapter:
         if run.mode != "prefill":
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        valid = self._current(run.valid, run)
-        if run.dummy is not None:
-            valid = valid & ~run.dummy
+        valid = self._current_valid(run)
         if queries == "last":
             rows = _last_valid(valid)[:, None]
         else:
