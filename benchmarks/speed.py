@@ -3,7 +3,8 @@
 Timing: ``warmup`` runs, then the median of ``repeats``; on CUDA, CUDA events around the call after a
 synchronisation. Prefill = one forward pass over the prompts (vision tower included) returning the last
 position's logits (time to first token). Decode per token = (time of ``generate`` with ``1 + n`` new tokens
-- time with 1) / ``n``. End-to-end = ``generate`` with the task's new tokens.
+- time with 1) / ``n``. End-to-end = ``generate`` with the task's new tokens (rows stop at their end-of-sequence
+token); generated tokens/s counts the tokens really generated, each row up to its first end-of-sequence token.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (reset before the method's runs); on the CPU the
 process's peak resident set size so far (``ru_maxrss``), which only grows — read it as an upper bound.
@@ -93,6 +94,17 @@ def decode_flops_per_token(config: Any, context_per_layer: list[float]) -> float
     return sum(per_layer + 4 * c * q for c in context_per_layer) + 2 * d * tc.vocab_size
 
 
+def generated_tokens(new_ids: torch.Tensor, generation_config: Any) -> int:
+    """Tokens really generated in a batch: each row up to and including its first end-of-sequence token."""
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if not eos or new_ids.shape[1] == 0:
+        return int(new_ids.numel())
+    hit = torch.isin(new_ids, torch.tensor(eos, device=new_ids.device))
+    first = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, torch.full_like(hit[:, 0], new_ids.shape[1], dtype=torch.long))
+    return int(first.sum())
+
+
 def oracle_spec(visual_per_layer: dict[int, list[int]], full: list[int]) -> str | None:
     """The oracle of a run whose LLM layers saw ``visual_per_layer`` visual tokens (per sample)."""
     if not visual_per_layer:
@@ -129,6 +141,13 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
                 model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return fn
 
+    generated: list[int] = []
+
+    def e2e() -> None:
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        generated.append(generated_tokens(out[:, inputs["input_ids"].shape[1]:], model.generation_config))
+
     handle = mmtoken.apply(model, method) if method != "none" else None
     try:
         prefill()
@@ -143,7 +162,7 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         prefill_s = median_time(prefill, device, warmup, repeats)
         t1 = median_time(gen(1), device, 1, max(1, repeats // 2))
         tn = median_time(gen(1 + decode_tokens), device, 1, max(1, repeats // 2))
-        e2e = median_time(gen(max_new_tokens), device, 0, max(1, repeats // 2))
+        e2e_s = median_time(e2e, device, 0, max(1, repeats // 2))
         mem = peak_memory(device)
     finally:
         if handle is not None:
@@ -156,9 +175,9 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         "batch_size": b,
         "prefill_s": prefill_s,
         "decode_s_per_token": max(0.0, (tn - t1) / decode_tokens),
-        "e2e_s": e2e,
-        "samples_per_s": b / e2e,
-        "tokens_per_s": b * max_new_tokens / e2e,
+        "e2e_s": e2e_s,
+        "samples_per_s": b / e2e_s,
+        "tokens_per_s": generated[-1] / e2e_s,
         "peak_mem_bytes": mem,
         "prefill_flops": llm_flops(model.config, [text_tokens + v for v in per_layer]) + vit_flops(model.config, vit_layers),
         "decode_flops_per_token": decode_flops_per_token(model.config, [text_tokens + v for v in per_layer]),

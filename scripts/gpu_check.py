@@ -1,6 +1,6 @@
 """GPU check: 7B-shaped LLaVA-1.5 and LLaVA-NeXT with random weights (bf16, SDPA), no downloads.
 
-For every baseline plugin at 25% of the visual tokens, prints prefill latency (batch 1 and 8), per-token
+For every plugin at 25% of the visual tokens, prints prefill latency (batch 1 and 8), per-token
 decode latency, the oracle's prefill (the model simply fed the same visual tokens) and the uncompressed
 model's, as a Markdown table. Shapes: CLIP ViT-L/14 at 336 px (576 tokens per view) + a LLaMA-7B-shaped
 LLM (4096 x 32 layers, 11008 MLP); LLaVA-NeXT adds AnyRes crops up to 672 x 672 (2,880 visual tokens).
@@ -25,7 +25,10 @@ import mmtoken  # noqa: E402
 from mmtoken.benchmarks.speed import oracle_spec  # noqa: E402
 from mmtoken.testing import make_batch, make_next_batch, tiny_llava  # noqa: E402
 
-METHODS = ["none", "random:keep=0.25", "pool:stride=2", "visionzip:keep=0.25", "fastv:k=2,keep=0.25", "tome:keep=0.25"]
+METHODS = [
+    "none", "random:keep=0.25", "pool:stride=2", "visionzip:keep=0.25", "fastv:k=2,keep=0.25", "tome:keep=0.25",
+    "turbo:keep=0.25", "globalcom2:keep=0.25", "corrcomp:keep=0.25", "vmtc:keep=0.25", "vmtc:keep=0.25+cmai",
+]
 
 
 def shapes(tiny: bool) -> dict:
@@ -51,7 +54,7 @@ def timed(fn, device, warmup=2, repeats=5):
     return statistics.median(out)
 
 
-def bench_model(model, batch, device, methods, decode_tokens=16):
+def bench_model(model, batch, device, methods, decode_tokens=16, repeats=5):
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
@@ -77,7 +80,7 @@ def bench_model(model, batch, device, methods, decode_tokens=16):
         try:
             prefill()
             layers = dict(handle.stats.llm_visual_tokens) if handle else {}
-            p = timed(prefill, device)
+            p = timed(prefill, device, repeats=repeats)
             d = (timed(gen(1 + decode_tokens), device, 1, 3) - timed(gen(1), device, 1, 3)) / decode_tokens
         finally:
             if handle:
@@ -86,7 +89,7 @@ def bench_model(model, batch, device, methods, decode_tokens=16):
         o = None
         if spec:
             with mmtoken.apply(model, spec):
-                o = timed(prefill, device)
+                o = timed(prefill, device, repeats=repeats)
         last = layers[max(layers)][0] if layers else full[0]
         rows.append((method, last, p, o, d, spec or ""))
     return rows
@@ -96,6 +99,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--repeats", type=int, default=5, help="timed prefill repeats (median) after 2 warm-ups")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -115,14 +119,15 @@ def main():
             print(f"\n### {name}-7B-shaped, batch {b}, {int((batch['input_ids'][0] == model.config.image_token_id).sum())} visual tokens per sample\n")
             print("| method | visual tokens (last layer) | prefill ms | oracle prefill ms | plugin / oracle | vs full | decode ms/token | oracle |")
             print("|---|---|---|---|---|---|---|---|")
-            rows = bench_model(model, batch, device, METHODS)
+            rows = bench_model(model, batch, device, METHODS, repeats=args.repeats)
             full = rows[0][2]
             for method, vis, p, o, d, spec in rows:
                 if p is None:
                     print(f"| `{method}` | n/a | | | | | | {spec} |")
                     continue
                 ratio = f"{p / o:.2f}" if o else ""
-                print(f"| `{method}` | {vis} | {p * 1e3:.1f} | {o * 1e3 if o else 0:.1f} | {ratio} | {full / p:.2f}x | {d * 1e3:.2f} | {spec} |")
+                oracle = f"{o * 1e3:.1f}" if o else ""
+                print(f"| `{method}` | {vis} | {p * 1e3:.1f} | {oracle} | {ratio} | {full / p:.2f}x | {d * 1e3:.2f} | {spec} |")
             sys.stdout.flush()
         del model
         if device == "cuda":

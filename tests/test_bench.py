@@ -115,3 +115,14 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     for a, b in zip(one, two):  # the same answers; kl may differ in the last digits with the batch composition
         assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-6)
     assert [x["n"] for x in two] == [12, 12]
+
+
+def test_generated_tokens_count_each_row_up_to_its_first_eos():
+    from types import SimpleNamespace
+
+    from mmtoken.benchmarks.speed import generated_tokens
+
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 0, 0], [7, 7, 7, 7, 7]])
+    assert generated_tokens(ids, SimpleNamespace(eos_token_id=2)) == 3 + 2 + 5
+    assert generated_tokens(ids, SimpleNamespace(eos_token_id=[6, 2])) == 2 + 2 + 5
+    assert generated_tokens(ids, SimpleNamespace(eos_token_id=None)) == 15
