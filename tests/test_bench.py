@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from mmtoken.benchmarks import runner
 from mmtoken.testing import save_random_world_model
