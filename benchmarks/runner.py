@@ -193,6 +193,7 @@ def _visual_per_sample(inputs: dict, model: torch.nn.Module, per_image: list[int
 
 def _kl(ref: dict, logp: torch.Tensor) -> float:
     """KL(ref || logp) over ref's top tokens plus one bucket for the remaining mass."""
+    logp = logp.detach().float().cpu()
     ids = torch.tensor(ref["ids"])
     p = torch.tensor(ref["logp"]).exp()
     q = logp[ids].exp()

@@ -6,7 +6,8 @@ model's, as a Markdown table. Shapes: CLIP ViT-L/14 at 336 px (576 tokens per vi
 LLM (4096 x 32 layers, 11008 MLP); LLaVA-NeXT adds AnyRes crops up to 672 x 672 (2,880 visual tokens).
 
     bash scripts/gpu_check.sh                 # on a GPU machine; ~2-4 minutes
-    python scripts/gpu_check.py --tiny        # the same code path on small shapes (CPU)
+    python scripts/gpu_check.py --tiny        # the same code path on small shapes (CPU, or --device cuda), with
+                                              # ragged prompts and mixed image sizes in a batch
 """
 
 from __future__ import annotations
@@ -98,10 +99,11 @@ def bench_model(model, batch, device, methods, decode_tokens=16, repeats=5):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--repeats", type=int, default=5, help="timed prefill repeats (median) after 2 warm-ups")
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, dtype {dtype}, torch {torch.__version__}")
     t0 = time.time()
@@ -113,10 +115,11 @@ def main():
                            grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]] if nxt else None)
         for b in [int(x) for x in args.batch_sizes.split(",")]:
             if nxt:
-                batch = make_next_batch(model, [(2 * s, 2 * s)] * b, seed=0)
+                mixed = [(2 * s, 2 * s), (s, 2 * s), (2 * s, s), (s, s)]
+                batch = make_next_batch(model, [mixed[i % 4] for i in range(b)] if args.tiny else [(2 * s, 2 * s)] * b, seed=0)
             else:
-                batch = make_batch(model, b, seed=0, prompt_lens=[32] * b)
-            print(f"\n### {name}-7B-shaped, batch {b}, {int((batch['input_ids'][0] == model.config.image_token_id).sum())} visual tokens per sample\n")
+                batch = make_batch(model, b, seed=0, prompt_lens=[32 - 5 * (i % 4) if args.tiny else 32 for i in range(b)])
+            print(f"\n### {name}-{'tiny' if args.tiny else '7B'}-shaped, batch {b}, {int((batch['input_ids'][0] == model.config.image_token_id).sum())} visual tokens per sample\n")
             print("| method | visual tokens (last layer) | prefill ms | oracle prefill ms | plugin / oracle | vs full | decode ms/token | oracle |")
             print("|---|---|---|---|---|---|---|---|")
             rows = bench_model(model, batch, device, METHODS, repeats=args.repeats)

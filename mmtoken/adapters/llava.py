@@ -95,6 +95,7 @@ class LayerPlan:
 
     idx: Tensor | None
     dummy: Tensor | None
+    any_dummy: bool = True  # whether ``dummy`` has a True entry (known on the host, so no sync per decode step)
 
 
 @dataclass
@@ -120,7 +121,10 @@ class RunState:
     plan: SeqPlan | None = None
     rows: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> (probs mean, queries)
     step_mask2d: Tensor | None = None  # decode: the 2D mask of this step (LLM coordinates)
-    counts: dict[int, list[int]] = field(default_factory=dict)  # layer -> visual tokens per sample
+    counts: dict[int, Tensor | None] = field(default_factory=dict)  # layer -> visual tokens per sample where
+    # the sequence changed (None: as the layer before); read on the host once, after the pass
+    any_dummy: bool = False  # whether ``dummy`` has a True entry
+    mask_cache: tuple | None = None  # (idx, dtype, mask): layers between two drops share one mask
     kept: dict[int, Tensor] = field(default_factory=dict)  # drop layer -> [B, L0] kept positions
     memo: "Memo | None" = None
 
@@ -549,7 +553,7 @@ class LlavaAdapter:
             run, self._run = self._run, RunState(mode="off")
             if image_out is not None:
                 image_out.pooler_output = feats
-        self.stats.llm_visual_tokens = run.counts
+        self.stats.llm_visual_tokens = _host_counts(run.counts)
         if new_ids is not None and run.kept and run.memo is None:
             self._memo = Memo(ids=new_ids, kept=run.kept)
         out_cache = getattr(out, "cache", None)
@@ -701,6 +705,7 @@ class LlavaAdapter:
                 base_idx = torch.arange(run.image_mask.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
             run.idx = base_idx.gather(1, rel)
             run.dummy = dummy if run.dummy is None else (run.dummy.gather(1, rel) | dummy)
+            run.any_dummy = bool(run.dummy.any())
             kept = torch.zeros_like(run.valid)
             kept.scatter_(1, run.idx, ~run.dummy)
             run.kept[i] = kept
@@ -710,15 +715,18 @@ class LlavaAdapter:
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = gather_seq(kwargs["position_ids"], run.idx)
             mask = kwargs.get("attention_mask")
-            if mask is not None or bool(run.dummy.any()):
+            if mask is not None or run.any_dummy:
                 kwargs["attention_mask"] = self._prefill_mask(run, hidden.dtype)
-            run.plan.layers[i] = LayerPlan(run.idx, run.dummy)
+            run.plan.layers[i] = LayerPlan(run.idx, run.dummy, run.any_dummy)
         if i in self._bias_layers:
             kwargs["attention_mask"] = self._add_bias(i, kwargs.get("attention_mask"), hidden, run, kwargs)
-        vis = self._current(run.image_mask, run)
-        if run.dummy is not None:
-            vis = vis & ~run.dummy
-        run.counts[i] = vis.sum(-1).tolist()
+        if not run.counts or i in self._drops:
+            vis = self._current(run.image_mask, run)
+            if run.dummy is not None:
+                vis = vis & ~run.dummy
+            run.counts[i] = vis.sum(-1)
+        else:
+            run.counts[i] = None
         if args:
             args = (hidden,) + tuple(args[1:])
         else:
@@ -735,12 +743,16 @@ class LlavaAdapter:
         return [row.nonzero().flatten() for row in cur]
 
     def _prefill_mask(self, run: RunState, dtype: torch.dtype) -> Tensor:
+        if run.mask_cache is not None and run.mask_cache[0] is run.idx and run.mask_cache[1] == dtype:
+            return run.mask_cache[2]
         key_ok = run.valid.gather(1, run.idx) & ~run.dummy
         n = run.idx.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=key_ok.device).tril()
         allowed = causal[None] & key_ok[:, None, :]
         allowed = allowed | torch.eye(n, dtype=torch.bool, device=key_ok.device)[None]
-        return additive_mask(allowed[:, None], dtype)
+        mask = additive_mask(allowed[:, None], dtype)
+        run.mask_cache = (run.idx, dtype, mask)
+        return mask
 
     def _decode_layer(self, i: int, args: tuple, kwargs: dict, run: RunState) -> tuple[tuple, dict] | None:
         lp = run.plan.layers.get(i)
@@ -748,7 +760,10 @@ class LlavaAdapter:
         hidden = args[0] if args else kwargs["hidden_states"]
         if lp is not None and lp.idx is not None:
             mask = kwargs.get("attention_mask")
-            if mask is not None or bool(lp.dummy.any()):
+            if run.mask_cache is not None and run.mask_cache[0] is lp.idx and run.mask_cache[1] == hidden.dtype:
+                kwargs["attention_mask"] = run.mask_cache[2]
+                changed = True
+            elif mask is not None or lp.any_dummy:
                 step = run.step_mask2d
                 l0 = run.plan.new_mask.shape[1]
                 prefix = run.plan.new_mask.bool().gather(1, lp.idx) & ~lp.dummy
@@ -761,6 +776,7 @@ class LlavaAdapter:
                     causal = torch.ones(q, t, dtype=torch.bool, device=keys.device).tril(diagonal=t - q)
                     allowed[:, :, prefix.shape[1] :] &= causal[None]
                 kwargs["attention_mask"] = additive_mask(allowed[:, None], hidden.dtype)
+                run.mask_cache = (lp.idx, hidden.dtype, kwargs["attention_mask"])
                 changed = True
         if i in self._bias_layers:
             mask = kwargs.get("attention_mask")
@@ -820,6 +836,19 @@ class LlavaAdapter:
             probs = llm_attention_rows(module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"), rows)
         run.rows[i] = (probs.mean(1), rows)
         return None
+
+
+def _host_counts(counts: dict[int, Tensor | None]) -> dict[int, list[int]]:
+    """Per-layer visual-token counts as lists, read from the device in one transfer."""
+    changed = [layer for layer in counts if counts[layer] is not None]
+    if not changed:
+        return {}
+    values = dict(zip(changed, torch.stack([counts[layer] for layer in changed]).tolist()))
+    out, cur = {}, None
+    for layer in counts:  # insertion order = the order the layers ran
+        cur = values.get(layer, cur)
+        out[layer] = list(cur)
+    return out
 
 
 def _last_valid(valid: Tensor) -> Tensor:

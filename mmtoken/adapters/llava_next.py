@@ -144,15 +144,15 @@ def _merged_pack(adapter: LlavaNextAdapter):
         for i, feats in enumerate(image_features):
             layout = adapter._layout(image_sizes[i])
             v = feats.shape[0]
-            pos = pos_all[offset : offset + v]
-            size = size_all[offset : offset + v]
+            pos = pos_all[offset : offset + v].cpu()  # index bookkeeping on the host; features stay on their device
+            size = size_all[offset : offset + v].cpu()
             rank = torch.full((layout.n_views * n,), -1, dtype=torch.long)
             content_pos, values, line, _ = layout.content()
             rank[values] = content_pos
             line_of = torch.full((layout.n_views * n,), -1, dtype=torch.long)
             line_of[values] = line
             view = torch.arange(v)[:, None].expand_as(pos)
-            key = (view * n + pos.clamp(min=0)).cpu()
+            key = view * n + pos.clamp(min=0)
             r = rank[key].flatten()
             ok = r >= 0
             order = torch.argsort(r.masked_fill(~ok, 1 << 40))[: int(ok.sum())]
@@ -161,11 +161,11 @@ def _merged_pack(adapter: LlavaNextAdapter):
             tok_line = line_of[key.flatten()[order]]
             if layout.n_views > 1:
                 tok_line = torch.where(vw == 0, torch.full_like(tok_line, -1), tok_line)
-            patch = pos.flatten().cpu()[order]
+            patch = pos.flatten()[order]
             packed, packed_pos = with_newlines(flat, tok_line, image_newline)
             out.append(packed)
             lens.append(packed.shape[0])
-            layouts.append((packed_pos.cpu(), vw, patch, tok_line, size.flatten().cpu()[order], layout.n_views, layout.crop_grid, src))
+            layouts.append((packed_pos.cpu(), vw, patch, tok_line, size.flatten()[order], layout.n_views, layout.crop_grid, src))
             offset += v
         adapter._merged_layouts = layouts
         return out, torch.tensor(lens, dtype=torch.long, device=image_features[0].device)
