@@ -144,7 +144,8 @@ def referent_mask(question: str, scene, grid: int) -> torch.Tensor:
 ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
 
 
-def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3):
+def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3,
+            readout_families=ATTRIBUTE_FAMILIES):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
     ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
@@ -169,7 +170,7 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     h = out.hidden_states[grounding_layer][is_img].view(len(samples), -1, d)
     aux = F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
     if readout is not None:
-        rows = [i for i, s in enumerate(samples) if s.family in ATTRIBUTE_FAMILIES and target[i].any()]
+        rows = [i for i, s in enumerate(samples) if s.family in readout_families and target[i].any()]
         if rows:
             answer = torch.tensor([tok.convert_tokens_to_ids(samples[i].answers[0]) for i in rows])
             labels_r = torch.where(target[rows] > 0, answer[:, None], torch.full_like(target[rows], tok.pad_token_id).long())
@@ -223,6 +224,11 @@ def main(argv=None):
     p.add_argument("--curriculum", type=float, default=0.3, help="share of stage 2 over which scenes grow from 1 to 5 objects")
     p.add_argument("--readout", type=float, default=1.0, help="1: add the dense answer-readout loss in stage 2; 0: off")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tasks", default="synth-vqa:1,synth-pope:1",
+                   help="stage-2 question mix, name:weight,... (synth-vqa, synth-pope, synth-caption, synth-format)")
+    p.add_argument("--readout-families", default=",".join(sorted(ATTRIBUTE_FAMILIES)),
+                   help="synth-vqa families whose referent tokens learn the answer (readout loss); 'all' for every "
+                        "family with a one-word answer")
     args = p.parse_args(argv)
     if args.quick:
         args.vision_steps = min(args.vision_steps, 3)
@@ -238,7 +244,8 @@ def main(argv=None):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(args.init)
-        model = LlavaForConditionalGeneration.from_pretrained(args.init)
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+        tok, model = grow_vocabulary(tok, model, vocabulary(), args.seed)
         config = model.config
     else:
         tok = build_tokenizer(vocabulary())
@@ -276,7 +283,11 @@ def main(argv=None):
     for head in (grounding, readout):
         params += list(head.parameters()) if head is not None else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    tasks = [get_task("synth-vqa"), get_task("synth-pope")]
+    tasks = []
+    for part in args.tasks.split(","):
+        name, _, weight = part.partition(":")
+        tasks += [get_task(name)] * int(weight or 1)
+    families = VQA_FAMILIES if args.readout_families == "all" else set(args.readout_families.split(","))
     model.train()
     ramp = max(1, int(args.curriculum * args.lm_steps))
     for step in range(args.lm_steps):
@@ -284,7 +295,7 @@ def main(argv=None):
             g["lr"] = cosine(step, args.lm_steps, 100, args.lr)
         n_max = 1 + min(4, (4 * step) // ramp) if args.curriculum else 5
         samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max)
-        loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout)
+        loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -298,6 +309,31 @@ def main(argv=None):
             save(model, tok, args.out, curve)
     save(model, tok, args.out, curve)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+VQA_FAMILIES = {"colour", "shape", "count", "count_all", "position", "size", "at_cell", "occupied", "relation"}
+
+
+def grow_vocabulary(tok, model, words, seed):
+    """The world's vocabulary may have grown since ``model`` was saved (new tasks bring new words): rebuild
+    the tokenizer and move every known word's embedding row to its new id; new words start as small noise
+    (tied output rows: their logits start near 0 instead of competing with the learnt words). Returns ``(tok, model)`` unchanged when nothing is new."""
+    old = tok.get_vocab()
+    if not set(words) - set(old):
+        return tok, model
+    new_tok = build_tokenizer(words)
+    new = new_tok.get_vocab()
+    emb = model.get_input_embeddings().weight.data.clone()
+    model.resize_token_embeddings(len(new_tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    rows = 0.02 * torch.randn(len(new_tok), emb.shape[1], generator=g)
+    for word, i in new.items():
+        if word in old:
+            rows[i] = emb[old[word]]
+    model.get_input_embeddings().weight.data.copy_(rows)
+    model.tie_weights()
+    print(f"vocabulary grown from {len(old)} to {len(new)} words", flush=True)
+    return new_tok, model
 
 
 def save(model, tok, out, curve):
