@@ -164,7 +164,7 @@ def prepare_inputs(lm: LoadedModel, items: list[Item], device: str) -> dict:
 
 
 def answer_batch(lm: LoadedModel, items: list[Item], max_new_tokens: int, device: str) -> tuple[list[str], torch.Tensor, list[int]]:
-    """Greedy answers, first-token log-probabilities ``[B, V]`` and visual tokens entering the LLM per sample."""
+    """Answers (greedy unless a decode-stage method says otherwise), first-token log-probabilities ``[B, V]`` and visual tokens entering the LLM per sample."""
     inputs = prepare_inputs(lm, items, device)
     model = lm.model
     handle = getattr(model, "_mmtoken_handle", None)
@@ -173,7 +173,10 @@ def answer_batch(lm: LoadedModel, items: list[Item], max_new_tokens: int, device
     new = out.sequences[:, inputs["input_ids"].shape[1] :]
     tok = lm.processor.tokenizer
     preds = [tok.decode(row, skip_special_tokens=True).strip() for row in new]
-    first = torch.log_softmax(out.logits[0].float(), dim=-1)
+    first = out.logits[0].float()
+    if first.shape[0] != len(items):  # beam search: the beams of a sample are consecutive rows
+        first = first[:: first.shape[0] // len(items)]
+    first = torch.log_softmax(first, dim=-1)
     if handle is not None and handle.stats.image_tokens_out:
         per_image = handle.stats.image_tokens_out
     else:

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 STAGES = ("vision", "visual", "llm", "attention", "decode")
 ENTRY_POINT_GROUP = "mmtoken.plugins"
-BUILTIN_PLUGINS = ("random", "pool", "visionzip", "fastv", "tome", "turbo", "globalcom2", "corrcomp", "vmtc", "cmai", "oracle")
+BUILTIN_PLUGINS = (
+    "random", "pool", "visionzip", "fastv", "tome", "turbo", "globalcom2", "corrcomp", "vmtc", "cmai", "oracle", "opera", "decoding",
+)
 
 
 @dataclass
