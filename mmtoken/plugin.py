@@ -31,6 +31,7 @@ STAGES = ("vision", "visual", "llm", "attention", "decode")
 ENTRY_POINT_GROUP = "mmtoken.plugins"
 BUILTIN_PLUGINS = (
     "random", "pool", "visionzip", "fastv", "tome", "turbo", "globalcom2", "corrcomp", "vmtc", "cmai", "oracle", "opera", "decoding",
+    "dyvte",
 )
 
 
@@ -101,6 +102,10 @@ class Plugin:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.config.to_spec()}>"
+
+    def bind(self, model: Any) -> None:
+        """Called once when the plugin is installed on ``model``, before any other hook (e.g. to load
+        weights that belong to that model). Raise :class:`~mmtoken.errors.MmtokenError` to refuse it."""
 
     # -- vision ---------------------------------------------------------------------------------
     def vision_layers(self, n_layers: int, n_tokens: int) -> list[int]:

@@ -260,6 +260,8 @@ class LlavaAdapter:
 
     # -- install / remove -----------------------------------------------------------------------
     def install(self, plugins: list[Plugin]) -> None:
+        for p in plugins:
+            p.bind(self.model)
         self.plugins = plugins
         by_stage = {s: [p for p in plugins if s in p.stages] for s in ("vision", "visual", "llm", "attention", "decode")}
         self._visual = by_stage["visual"]
@@ -640,18 +642,24 @@ class LlavaAdapter:
     # -- llm / attention stages -----------------------------------------------------------------
     def _install_llm(self) -> None:
         n = self.n_llm_layers
-        self._drops: dict[int, tuple[Plugin, LLMDrop]] = {}
+        self._drops: dict[int, list[tuple[Plugin, LLMDrop]]] = {}
         self._row_requests: dict[int, str] = {}
         for p in self._llm:
             for d in p.llm_plan(n):
                 if not 0 <= d.layer < n:
                     raise CompositionError(f"{p.name}: LLM layer {d.layer} out of range (0..{n - 1})")
-                if d.layer in self._drops:
-                    raise CompositionError(f"{p.name} and {self._drops[d.layer][0].name} both drop at LLM layer {d.layer}")
-                self._drops[d.layer] = (p, d)
+                if d.layer in self._drops and d.rows_from is not None:
+                    first = self._drops[d.layer][0][0].name
+                    raise CompositionError(
+                        f"{p.name} ranks tokens by attention rows at LLM layer {d.layer}, where {first} already drops "
+                        "tokens; put it first in the spec"
+                    )
+                self._drops.setdefault(d.layer, []).append((p, d))
                 if d.rows_from is not None:
                     if not 0 <= d.rows_from < d.layer:
                         raise CompositionError(f"{p.name}: attention rows must come from a layer before {d.layer}")
+                    if self._row_requests.get(d.rows_from, d.queries) != d.queries:
+                        raise CompositionError(f"{p.name}: layer {d.rows_from}'s attention rows are already asked for with other queries")
                     self._row_requests[d.rows_from] = d.queries
         self._bias_layers: dict[int, list[Plugin]] = {}
         for p in self._attn:
@@ -679,33 +687,23 @@ class LlavaAdapter:
             return self._decode_layer(i, args, kwargs, run)
         hidden = args[0] if args else kwargs["hidden_states"]
         if i in self._drops:
-            plugin, drop = self._drops[i]
-            valid = self._current_valid(run)
-            image_mask = self._current(run.image_mask, run) & valid
-            rows = run.rows.get(drop.rows_from) if drop.rows_from is not None else None
-            ctx = LLMContext(
-                layer=i,
-                n_layers=self.n_llm_layers,
-                hidden=hidden,
-                image_mask=image_mask,
-                valid=valid,
-                last=_last_valid(valid),
-                attn=rows[0] if rows else None,
-                attn_queries=rows[1] if rows else None,
-            )
             if run.memo is not None and i in run.memo.kept:
-                keep = self._recall(run, i, valid)
+                hidden = self._apply_keep(run, hidden, self._recall(run, i, self._current_valid(run)))
             else:
-                keep = plugin.llm_keep(ctx)
-            keep = [torch.sort(k.to(hidden.device).long())[0] for k in keep]
-            rel, dummy = pad_index_lists(keep, side="left")
-            hidden = gather_seq(hidden, rel)
-            base_idx = run.idx
-            if base_idx is None:
-                base_idx = torch.arange(run.image_mask.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-            run.idx = base_idx.gather(1, rel)
-            run.dummy = dummy if run.dummy is None else (run.dummy.gather(1, rel) | dummy)
-            run.any_dummy = bool(run.dummy.any())
+                for plugin, drop in self._drops[i]:  # several plugins at one layer: in spec order
+                    valid = self._current_valid(run)
+                    rows = run.rows.get(drop.rows_from) if drop.rows_from is not None else None
+                    ctx = LLMContext(
+                        layer=i,
+                        n_layers=self.n_llm_layers,
+                        hidden=hidden,
+                        image_mask=self._current(run.image_mask, run) & valid,
+                        valid=valid,
+                        last=_last_valid(valid),
+                        attn=rows[0] if rows else None,
+                        attn_queries=rows[1] if rows else None,
+                    )
+                    hidden = self._apply_keep(run, hidden, plugin.llm_keep(ctx))
             kept = torch.zeros_like(run.valid)
             kept.scatter_(1, run.idx, ~run.dummy)
             run.kept[i] = kept
@@ -732,6 +730,19 @@ class LlavaAdapter:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _apply_keep(self, run: RunState, hidden: Tensor, keep: list[Tensor]) -> Tensor:
+        """Gather the kept positions (current coordinates, per sample) and update the run's index map."""
+        keep = [torch.sort(k.to(hidden.device).long())[0] for k in keep]
+        rel, dummy = pad_index_lists(keep, side="left")
+        hidden = gather_seq(hidden, rel)
+        base_idx = run.idx
+        if base_idx is None:
+            base_idx = torch.arange(run.image_mask.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        run.idx = base_idx.gather(1, rel)
+        run.dummy = dummy if run.dummy is None else (run.dummy.gather(1, rel) | dummy)
+        run.any_dummy = bool(run.dummy.any())
+        return hidden
 
     def _recall(self, run: RunState, i: int, valid_cur: Tensor) -> list[Tensor]:
         """Positions (current coordinates) kept at drop layer ``i``: the memo's decision on the prompt, and
