@@ -138,3 +138,17 @@ def test_train_routers_learns_a_separable_rule(llava):
     assert len(hist) == 30 and sorted(routers.layers) == [1, 2, 3]
     assert all(torch.equal(v, before[k]) for k, v in llava.state_dict().items())
     assert sum(h["loss"] for h in hist[-10:]) < sum(h["loss"] for h in hist[:10])
+
+
+def test_router_training_script_quick_mode(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "r.safetensors"
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "train_dyvte_routers.py"), "--quick", "--out", str(out), "--threads", "1"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    routers = Routers.load(str(out))
+    assert routers.layers == [1, 2, 3] and routers.text == "all"
