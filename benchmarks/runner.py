@@ -185,12 +185,32 @@ def answer_batch(lm: LoadedModel, items: list[Item], max_new_tokens: int, device
     return preds, first, visual
 
 
+def visual_per_layer(model: torch.nn.Module, n: int) -> list[list[int] | None]:
+    """Per sample of the last forward pass, the visual tokens entering each LLM layer (None: unpatched)."""
+    handle = getattr(model, "_mmtoken_handle", None)
+    layers = handle.stats.llm_visual_tokens if handle is not None else {}
+    rows = _sample_rows(len(next(iter(layers.values()))), n) if layers else None
+    if rows is None:
+        return [None] * n
+    return [[layers[l][i] for l in sorted(layers)] for i in rows]
+
+
+def _sample_rows(b: int, n: int) -> list[int] | None:
+    """Rows of a forward pass of ``b`` rows that stand for the ``n`` samples (beam search: each sample's
+    first beam); None when they cannot be told (a decoder that prefills sample by sample)."""
+    if b == n:
+        return list(range(n))
+    if b % n == 0:
+        return list(range(0, b, b // n))
+    return None
+
+
 def _visual_per_sample(inputs: dict, model: torch.nn.Module, per_image: list[int], handle: Any) -> list[int]:
     """Mean over LLM layers of the visual tokens each sample carries (the budget a method really spent)."""
-    if handle is not None and handle.stats.llm_visual_tokens:
-        layers = handle.stats.llm_visual_tokens
-        b = len(next(iter(layers.values())))
-        return [sum(layers[l][i] for l in layers) / len(layers) for i in range(b)]
+    layers = handle.stats.llm_visual_tokens if handle is not None else {}
+    rows = _sample_rows(len(next(iter(layers.values()))), inputs["input_ids"].shape[0]) if layers else None
+    if rows is not None:
+        return [sum(layers[l][i] for l in layers) / len(layers) for i in rows]
     return [int(x) for x in (inputs["input_ids"] == model.config.image_token_id).sum(-1)]
 
 
@@ -226,11 +246,12 @@ def run_row(lm: LoadedModel, task: BenchTask, method: str, cfg: RunConfig, dist:
         with open(path, "a") as f:
             for batch in _batches(todo, cfg.batch_size):
                 preds, first, visual = answer_batch(lm, batch, task.max_new_tokens, cfg.device)
-                for it, pred, lp, vis in zip(batch, preds, first, visual):
+                per_layers = visual_per_layer(lm.model, len(batch))
+                for it, pred, lp, vis, per_layer in zip(batch, preds, first, visual, per_layers):
                     top = torch.topk(lp, min(TOPK, lp.numel()))
                     row = {
                         "item_id": it.id, "prediction": pred, "answers": it.answers, "meta": it.meta,
-                        "scores": task.per_sample(it, pred), "visual_tokens": vis,
+                        "scores": task.per_sample(it, pred), "visual_tokens": vis, "visual_per_layer": per_layer,
                         "first_top": {"ids": top.indices.tolist(), "logp": [round(v, 5) for v in top.values.tolist()]},
                     }
                     if reference is not None and it.id in reference:
@@ -271,6 +292,22 @@ def _truncate_partial_line(path: str) -> None:
         data = f.read()
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)
+
+
+def exit_layer_histogram(rows: list[dict]) -> dict[str, int] | None:
+    """For methods after which no visual token is left in some layers (visual-token exit): how many samples
+    lost their last visual token before each LLM layer (``"none"``: kept some to the end). None when no
+    sample exits."""
+    hist: dict[str, int] = {}
+    for r in rows:
+        per_layer = r.get("visual_per_layer")
+        if not per_layer or not per_layer[0]:
+            continue
+        layer = next((str(l) for l, n in enumerate(per_layer) if n == 0), "none")
+        hist[layer] = hist.get(layer, 0) + 1
+    if set(hist) <= {"none"}:
+        return None
+    return dict(sorted(hist.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0] != "none" else 0)))
 
 
 def summarize(rows: list[dict], task: BenchTask) -> dict[str, float]:
@@ -320,6 +357,9 @@ def run(cfg: RunConfig) -> dict:
                     "visual_tokens": sum(r["visual_tokens"] for r in rows) / max(1, len(rows)),
                     "eval_s": time.time() - t0,
                 }
+                exits = exit_layer_histogram(rows)
+                if exits:
+                    row["exit_layers"] = exits
                 if cfg.speed:
                     items = task.items(cfg.limit)[: cfg.batch_size]
                     row.update(speed.measure(lm, items, method, task.max_new_tokens, cfg.device, repeats=cfg.speed_repeats))

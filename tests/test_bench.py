@@ -127,3 +127,10 @@ def test_generated_tokens_count_each_row_up_to_its_first_eos():
     assert generated_tokens(ids, SimpleNamespace(eos_token_id=2)) == 3 + 2 + 5
     assert generated_tokens(ids, SimpleNamespace(eos_token_id=[6, 2])) == 2 + 2 + 5
     assert generated_tokens(ids, SimpleNamespace(eos_token_id=None)) == 15
+
+
+def test_exit_layer_histogram():
+    rows = [{"visual_per_layer": [9, 9, 0, 0]}, {"visual_per_layer": [9, 0, 0, 0]}, {"visual_per_layer": [9, 9, 9, 9]},
+            {"visual_per_layer": [9, 0, 0, 0]}, {"visual_per_layer": None}]
+    assert runner.exit_layer_histogram(rows) == {"1": 2, "2": 1, "none": 1}
+    assert runner.exit_layer_histogram([{"visual_per_layer": [9, 4, 4]}]) is None
