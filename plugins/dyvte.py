@@ -167,7 +167,7 @@ class DyVTEPlugin(Plugin):
         else:
             att, queries = ctx.attn, ctx.attn_queries  # [B, Q, L], [B, Q]
             q_ok = ctx.valid.gather(1, queries) & ~ctx.image_mask.gather(1, queries)
-            mass = (att.float() * ctx.image_mask[:, None, :]).sum(-1)  # [B, Q]
+            mass = torch.nan_to_num((att.float() * ctx.image_mask[:, None, :]).sum(-1), nan=0.0)  # [B, Q]; padded query rows: 0
             mass = (mass * q_ok).sum(-1) / q_ok.sum(-1).clamp(min=1)
             exit_now = has_image & (mass < c.threshold)
         for i in exit_now.nonzero().flatten().tolist():
