@@ -1,10 +1,11 @@
 """Copy a trained model into the package as a built-in checkpoint (fp16 safetensors + JSON files).
 
-    python scripts/ship_model.py runs/tiny-llava tiny-llava
+    python scripts/ship_model.py runs/tiny-llava tiny-llava ["phase description"]
 
 Reads ``SRC/model`` and ``SRC/curve.json`` (the training script's output) and writes
 ``mmtoken/checkpoints/NAME`` with the weights in float16 (loaded back as float32 by ``load_model``), the
-tokenizer, processor and prompt card, and ``training_curve.json``.
+tokenizer, processor and prompt card, and ``training_curve.json``. With a phase description, a model that
+continues the shipped one keeps its lineage: the new run is appended to the shipped file's ``phases``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(src: str, name: str) -> None:
+def main(src: str, name: str, phase: str | None = None) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     dst = os.path.join(ROOT, "mmtoken", "checkpoints", name)
+    old = None
+    if phase and os.path.isfile(os.path.join(dst, "training_curve.json")):
+        old = json.load(open(os.path.join(dst, "training_curve.json")))
     if os.path.isdir(dst):
         shutil.rmtree(dst)
     model = LlavaForConditionalGeneration.from_pretrained(os.path.join(src, "model"), dtype=torch.float16)
@@ -30,6 +34,12 @@ def main(src: str, name: str) -> None:
     AutoProcessor.from_pretrained(os.path.join(src, "model")).save_pretrained(dst)
     shutil.copy(os.path.join(src, "model", "mmtoken_world.json"), dst)
     curve = json.load(open(os.path.join(src, "curve.json")))
+    if old is not None and "phases" in old:
+        args = curve.get("args", {})
+        command = "python scripts/train_tiny_llava.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in args.items() if v not in (None, False) and k != "quick")
+        old["phases"].append({"phase": phase, "command": command, "vision": curve.get("vision", []), "lm": curve.get("lm", [])})
+        curve = old
     with open(os.path.join(dst, "training_curve.json"), "w") as f:
         json.dump(curve, f, indent=1)
     print(dst, sorted(os.listdir(dst)))
