@@ -288,7 +288,7 @@ class OperaPlugin(Plugin):
 
         out = self._forward(model, input_ids=ids.expand(beams, -1), attention_mask=torch.ones(beams, p, dtype=torch.long, device=dev),
                             **_expand(extra, beams))
-        cache = out.past_key_values  # the cache object the model filled (a DynamicCache)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # the filled DynamicCache
         first = out.logits[:1, -1, :].float()
         att = torch.zeros(beams, 0, 0, device=dev)  # response rows over response columns, per beam
         loc_history: list[Tensor] = []
