@@ -1,0 +1,220 @@
+"""FlexTok (arXiv 2502.13967): an image as an ordered sequence of 1..K discrete tokens, coarse to fine.
+
+A faithful miniature in pixel space:
+
+- **Encoder**: the image is cut into ``patch x patch`` patches, linearly embedded with learned positions,
+  followed by ``K`` learned register tokens. The attention mask is the paper's *causal-last* mask: patches
+  attend to all patches (never to registers); register ``j`` attends to every patch and to registers
+  ``0..j``. The registers' outputs are projected to ``len(levels)`` channels and quantised by FSQ: the
+  image's ids are the ``K`` codes, in register order.
+- **Decoder**: a rectified-flow transformer over ``[noised patches | registers]`` (full attention) with
+  adaLN-zero conditioning on the flow time; it predicts the velocity ``v = eps - x0``.
+- **Training**: ``x_t = s eps + (1 - s) x0`` with ``s = sigmoid(n)``, ``n ~ N(0, 1)``; loss
+  ``|v_pred - (eps - x0)|^2``. *Nested dropout*: per image keep the first ``k`` registers, ``k`` drawn from
+  ``1, 2, 4, ..., K``, and replace the rest by a learned mask token; with probability ``p_uncond`` keep none
+  (for classifier-free guidance).
+- **Decoding** any prefix ``ids[:, :k]``: registers beyond ``k`` are the mask token, then ``steps`` Euler
+  steps from ``t = 1`` (noise, seeded, so decoding is deterministic) to ``t = 0``, optionally with
+  classifier-free guidance ``v = v_uncond + guidance (v_cond - v_uncond)``.
+
+Departures (for a CPU-sized model): pixel space instead of a VAE latent, a few layers, FSQ levels smaller
+than the official ``[8, 8, 8, 5, 5, 5]`` (configurable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import ImageTokenizer, to_tensor
+from .fsq import FSQ
+
+
+@dataclass
+class FlexTokConfig:
+    image_size: int = 48
+    patch: int = 4
+    dim: int = 192
+    heads: int = 4
+    enc_layers: int = 4
+    dec_layers: int = 4
+    registers: int = 32
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    p_uncond: float = 0.1
+
+
+class Block(torch.nn.Module):
+    """Pre-LN transformer block; with ``cond`` (adaLN-zero) its norms are modulated and its residual
+    branches gated by a zero-initialised projection of the condition."""
+
+    def __init__(self, dim: int, heads: int, adaln: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = torch.nn.LayerNorm(dim, elementwise_affine=not adaln)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.norm2 = torch.nn.LayerNorm(dim, elementwise_affine=not adaln)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+        self.ada = None
+        if adaln:
+            self.ada = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(dim, 6 * dim))
+            torch.nn.init.zeros_(self.ada[1].weight)
+            torch.nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        if self.ada is not None:
+            s1, c1, g1, s2, c2, g2 = self.ada(cond)[:, None].chunk(6, dim=-1)
+        else:
+            s1 = c1 = s2 = c2 = 0.0
+            g1 = g2 = 1.0
+        h = self.norm1(x) * (1 + c1) + s1
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + g1 * self.proj(a.transpose(1, 2).reshape(b, n, d))
+        h = self.norm2(x) * (1 + c2) + s2
+        return x + g2 * self.mlp(h)
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    ang = t[:, None].float() * 1000.0 * freqs[None]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+def register_mask(n_patches: int, n_registers: int, device: Any = None) -> Tensor:
+    """The encoder's causal-last mask ``[N + K, N + K]`` (True = may attend)."""
+    n = n_patches + n_registers
+    allowed = torch.zeros(n, n, dtype=torch.bool, device=device)
+    allowed[:n_patches, :n_patches] = True
+    allowed[n_patches:, :n_patches] = True
+    allowed[n_patches:, n_patches:] = torch.ones(n_registers, n_registers, dtype=torch.bool, device=device).tril()
+    return allowed
+
+
+class FlexTok(ImageTokenizer):
+    kind = "flextok"
+    Config = FlexTokConfig
+
+    def __init__(self, config: FlexTokConfig):
+        super().__init__(config)
+        c = config
+        self.grid = c.image_size // c.patch
+        n, d, pd = self.grid * self.grid, c.dim, 3 * c.patch * c.patch
+        self.fsq = FSQ(c.levels)
+        # encoder
+        self.enc_in = torch.nn.Linear(pd, d)
+        self.enc_pos = torch.nn.Parameter(torch.randn(1, n, d) * 0.02)
+        self.registers = torch.nn.Parameter(torch.randn(1, c.registers, d) * 0.02)
+        self.enc = torch.nn.ModuleList([Block(d, c.heads) for _ in range(c.enc_layers)])
+        self.enc_norm = torch.nn.LayerNorm(d)
+        self.to_code = torch.nn.Linear(d, self.fsq.dim)
+        # decoder
+        self.dec_in = torch.nn.Linear(pd, d)
+        self.dec_pos = torch.nn.Parameter(torch.randn(1, n, d) * 0.02)
+        self.from_code = torch.nn.Linear(self.fsq.dim, d)
+        self.reg_pos = torch.nn.Parameter(torch.randn(1, c.registers, d) * 0.02)
+        self.mask_token = torch.nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.time = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.SiLU(), torch.nn.Linear(d, d))
+        self.dec = torch.nn.ModuleList([Block(d, c.heads, adaln=True) for _ in range(c.dec_layers)])
+        self.out_norm = torch.nn.LayerNorm(d, elementwise_affine=False)
+        self.out_ada = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(d, 2 * d))
+        self.out = torch.nn.Linear(d, pd)
+        for m in (self.out_ada[1], self.out):
+            torch.nn.init.zeros_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.config.registers
+
+    # -- pixels <-> patches ---------------------------------------------------------------------
+    def patchify(self, x: Tensor) -> Tensor:
+        p, g = self.config.patch, self.grid
+        return x.view(x.shape[0], 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], g * g, 3 * p * p)
+
+    def unpatchify(self, t: Tensor) -> Tensor:
+        p, g = self.config.patch, self.grid
+        return t.view(t.shape[0], g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(t.shape[0], 3, g * p, g * p)
+
+    # -- encoder --------------------------------------------------------------------------------
+    def encode_codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` ``[B, 3, H, W]`` in [-1, 1] -> (quantised codes ``[B, K, levels]``, ids ``[B, K]``)."""
+        return self.fsq(self.encode_latent(x))
+
+    def encode_latent(self, x: Tensor) -> Tensor:
+        """The registers' pre-quantisation outputs ``[B, K, len(levels)]``."""
+        h = self.enc_in(self.patchify(x)) + self.enc_pos
+        n = h.shape[1]
+        h = torch.cat([h, self.registers.expand(x.shape[0], -1, -1)], dim=1)
+        mask = register_mask(n, self.config.registers, x.device)
+        for blk in self.enc:
+            h = blk(h, mask)
+        return self.to_code(self.enc_norm(h[:, n:]))
+
+    @torch.no_grad()
+    def encode(self, images: Any) -> Tensor:
+        x = to_tensor(images, self.image_size).to(self.enc_pos.device) * 2 - 1
+        return self.encode_codes(x)[1]
+
+    # -- decoder --------------------------------------------------------------------------------
+    def velocity(self, x_t: Tensor, t: Tensor, codes: Tensor, keep: Tensor) -> Tensor:
+        """Predicted velocity for noised images ``x_t`` at times ``t`` ``[B]``, given codes ``[B, K, c]`` of
+        which the first ``keep[b]`` are used (the rest replaced by the mask token)."""
+        b = x_t.shape[0]
+        k = self.config.registers
+        reg = self.from_code(codes)
+        used = torch.arange(k, device=x_t.device)[None] < keep[:, None]
+        reg = torch.where(used[..., None], reg, self.mask_token.expand(b, k, -1)) + self.reg_pos
+        h = torch.cat([self.dec_in(self.patchify(x_t)) + self.dec_pos, reg], dim=1)
+        cond = self.time(timestep_embedding(t, self.config.dim))
+        for blk in self.dec:
+            h = blk(h, None, cond)
+        n = self.grid * self.grid
+        shift, scale = self.out_ada(cond)[:, None].chunk(2, dim=-1)
+        return self.unpatchify(self.out(self.out_norm(h[:, :n]) * (1 + scale) + shift))
+
+    def loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Rectified-flow loss with nested dropout on a batch ``x0`` ``[B, 3, H, W]`` in [-1, 1]."""
+        b, dev = x0.shape[0], x0.device
+        codes, _ = self.encode_codes(x0)
+        k = self.config.registers
+        choices = torch.tensor([2**i for i in range(int(math.log2(k)) + 1) if 2**i <= k], device=dev)
+        keep = choices[torch.randint(len(choices), (b,), generator=generator).to(dev)]
+        uncond = torch.rand(b, generator=generator).to(dev) < self.config.p_uncond
+        keep = torch.where(uncond, torch.zeros_like(keep), keep)
+        s = torch.sigmoid(torch.randn(b, generator=generator)).to(dev)
+        eps = torch.randn(x0.shape, generator=generator).to(dev)
+        x_t = s[:, None, None, None] * eps + (1 - s[:, None, None, None]) * x0
+        v = self.velocity(x_t, s, codes, keep)
+        return F.mse_loss(v, eps - x0)
+
+    @torch.no_grad()
+    def decode(self, ids: Tensor, steps: int = 25, guidance: float = 1.0, seed: int = 0) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] from ids ``[B, k]`` (any ``1 <= k <= K``)."""
+        b, k = ids.shape
+        if not 0 <= k <= self.config.registers:
+            raise ValueError(f"FlexTok decodes 0..{self.config.registers} tokens, got {k}")
+        dev = self.enc_pos.device
+        full = torch.zeros(b, self.config.registers, dtype=torch.long, device=dev)
+        full[:, :k] = ids.to(dev)
+        codes = self.fsq.indices_to_codes(full)
+        keep = torch.full((b,), k, device=dev)
+        g = torch.Generator().manual_seed(seed)
+        s = self.image_size
+        x = torch.randn(b, 3, s, s, generator=g).to(dev)
+        ts = torch.linspace(1.0, 0.0, steps + 1, device=dev)
+        for i in range(steps):
+            t = ts[i].expand(b)
+            v = self.velocity(x, t, codes, keep)
+            if guidance != 1.0:
+                v0 = self.velocity(x, t, codes, torch.zeros_like(keep))
+                v = v0 + guidance * (v - v0)
+            x = x - (ts[i] - ts[i + 1]) * v
+        return ((x.clamp(-1, 1) + 1) / 2).float()

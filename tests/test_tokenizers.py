@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from mmtoken.errors import MmtokenError
+from mmtoken.tokenizers import FSQ, FlexTok, FlexTokConfig, ImageTokenizer, load
+from mmtoken.tokenizers.flextok import register_mask
+
+
+@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [2, 3], [7]])
+def test_fsq_round_trips_its_code_grid(levels):
+    fsq = FSQ(levels)
+    idx = torch.arange(fsq.codebook_size)
+    codes = fsq.indices_to_codes(idx)
+    assert torch.equal(fsq.codes_to_indices(codes), idx)
+    z = torch.randn(1000, len(levels)) * 3
+    q, i = fsq(z)
+    assert ((i >= 0) & (i < fsq.codebook_size)).all()
+    assert torch.equal(fsq.indices_to_codes(i), q)  # quantised values lie on the grid
+    for c, l in enumerate(levels):
+        assert len(torch.unique(q[:, c])) <= l
+
+
+def test_fsq_straight_through_gradient():
+    fsq = FSQ([5, 5])
+    z = torch.randn(4, 2, requires_grad=True)
+    fsq.quantize(z).sum().backward()
+    assert z.grad is not None and (z.grad != 0).any()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return FlexTok(FlexTokConfig(image_size=16, patch=4, dim=32, heads=2, enc_layers=2, dec_layers=2, registers=8, levels=[5, 5])).eval()
+
+
+def test_register_mask_is_causal_last():
+    m = register_mask(3, 2)
+    assert m[:3, :3].all() and not m[:3, 3:].any()  # patches never see registers
+    assert m[3, :4].all() and not m[3, 4]  # register 0: patches + itself
+    assert m[4].all()
+
+
+def test_register_j_ignores_later_registers():
+    tok = _tiny()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    ref = tok.encode_latent(x)
+    with torch.no_grad():
+        tok.registers[:, 5:] += 3.0  # change registers 5..7
+    got = tok.encode_latent(x)
+    assert torch.equal(got[:, :5], ref[:, :5]) and not torch.equal(got[:, 5:], ref[:, 5:])
+
+
+def test_decoding_k_tokens_ignores_registers_beyond_k(tmp_path):
+    tok = _tiny()
+    with torch.no_grad():
+        for p in tok.parameters():  # zero-initialised heads would make every decode equal
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = tok.encode(torch.rand(2, 3, 16, 16))
+    assert ids.shape == (2, 8) and ids.dtype == torch.long
+    a = tok.decode(ids[:, :3], steps=3)
+    other = ids.clone()
+    other[:, 3:] = (other[:, 3:] + 7) % 25
+    assert torch.equal(a, tok.decode(other[:, :3], steps=3))
+    assert not torch.equal(a, tok.decode(ids[:, :4], steps=3))
+    assert a.shape == (2, 3, 16, 16) and a.min() >= 0 and a.max() <= 1
+    tok.save_pretrained(str(tmp_path / "t"))
+    back = load(str(tmp_path / "t"))
+    assert isinstance(back, FlexTok) and torch.equal(back.decode(ids[:, :3], steps=3), a)
+    assert torch.isfinite(tok.loss(torch.rand(4, 3, 16, 16) * 2 - 1))
+
+
+def test_load_refuses_clearly(tmp_path):
+    with pytest.raises(MmtokenError, match="no tokenizer"):
+        load(str(tmp_path / "missing"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer_config.json").write_text('{"kind": "nope", "config": {}}')
+    with pytest.raises(MmtokenError, match="field 'kind'"):
+        ImageTokenizer.from_pretrained(str(tmp_path / "bad"))
