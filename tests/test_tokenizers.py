@@ -75,3 +75,16 @@ def test_load_refuses_clearly(tmp_path):
     (tmp_path / "bad" / "tokenizer_config.json").write_text('{"kind": "nope", "config": {}}')
     with pytest.raises(MmtokenError, match="field 'kind'"):
         ImageTokenizer.from_pretrained(str(tmp_path / "bad"))
+
+
+def test_flextok_training_script_quick_mode(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "train_flextok.py"), "--quick", "--out", str(tmp_path), "--threads", "1"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    tok = load(str(tmp_path / "tokenizer"))
+    assert tok.encode(torch.rand(1, 3, 48, 48)).shape == (1, 8)
