@@ -192,7 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--trace", default=None, help="folder for a torch.profiler trace of the last prefill")
     s.set_defaults(fn=_cmd_profile)
+
+    s = sub.add_parser("tokbench", help="an image tokenizer's reconstructions vs token count: PSNR, SSIM, VQA accuracy")
+    s.add_argument("--tokenizer", default="tiny-flextok", help="built-in name or saved folder")
+    s.add_argument("--model", default="tiny-llava", help="VQA model for semantic fidelity ('' to skip)")
+    s.add_argument("--limit", type=int, default=200, help="held-out synth-vqa images")
+    s.add_argument("--steps", type=int, default=25, help="decoder steps (FlexTok: Euler steps)")
+    s.add_argument("--out", default="runs/tokbench")
+    s.set_defaults(fn=_cmd_tokbench)
     return p
+
+
+def _cmd_tokbench(args: argparse.Namespace) -> int:
+    from . import tokenizers
+    from .models import load_model
+    from .tokenizers import evaluate as tev
+
+    tok = tokenizers.load(args.tokenizer)
+    lm = load_model(args.model) if args.model else None
+    result = tev.evaluate(tok, lm, limit=args.limit, steps=args.steps)
+    result["command"] = "mmtoken " + " ".join(sys.argv[1:])
+    written = tev.write(result, args.out, f"{args.tokenizer} on {result['n']} held-out scenes")
+    print(open(written[1]).read())
+    print("wrote " + ", ".join(written))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

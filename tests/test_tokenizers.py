@@ -88,3 +88,26 @@ def test_flextok_training_script_quick_mode(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     tok = load(str(tmp_path / "tokenizer"))
     assert tok.encode(torch.rand(1, 3, 48, 48)).shape == (1, 8)
+
+
+def test_psnr_and_ssim_on_known_cases():
+    from mmtoken.tokenizers.evaluate import psnr, ssim
+
+    a = torch.rand(2, 3, 24, 24)
+    assert torch.allclose(ssim(a, a), torch.ones(2), atol=1e-5)
+    b = (a + 0.1).clamp(0, 1)
+    assert (ssim(a, b) < 1).all()
+    assert torch.allclose(psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.1)), torch.tensor([20.0]), atol=1e-4)
+
+
+def test_tokbench_runs_end_to_end(tmp_path):
+    from mmtoken.models import load_model
+    from mmtoken.tokenizers import evaluate as tev
+
+    tok = _tiny()
+    tok.config.image_size = 16
+    res = tev.evaluate(tok, load_model("tiny-llava"), limit=4, steps=1, batch=2, progress=False)
+    ks = [r["k"] for r in res["rows"]]
+    assert ks == [0, 0, 1, 2, 4, 8] and all(0 <= r["accuracy"] <= 1 for r in res["rows"])
+    files = tev.write(res, str(tmp_path), "tiny")
+    assert all(__import__("os").path.exists(f) for f in files)
