@@ -111,3 +111,53 @@ def test_tokbench_runs_end_to_end(tmp_path):
     assert ks == [0, 0, 1, 2, 4, 8] and all(0 <= r["accuracy"] <= 1 for r in res["rows"])
     files = tev.write(res, str(tmp_path), "tiny")
     assert all(__import__("os").path.exists(f) for f in files)
+
+
+def _tiny_seed():
+    from mmtoken.tokenizers import Seed, SeedConfig
+
+    torch.manual_seed(0)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 16, "patch_size": 4}
+    return Seed(SeedConfig(image_size=16, vision=vision, dim=32, heads=2, qformer_layers=2, decoder_layers=1, queries=6,
+                           code_dim=8, codes=16, pixel_base=4)).eval()
+
+
+def test_seed_query_mask_is_strictly_causal():
+    tok = _tiny_seed()
+    feats, _ = tok.vit_features(torch.rand(2, 3, 16, 16))
+    ref = tok.qformer_out(feats)
+    with torch.no_grad():
+        tok.queries[:, 3] += 1.0  # change query 3
+    got = tok.qformer_out(feats)
+    assert torch.equal(got[:, :3], ref[:, :3]) and not torch.allclose(got[:, 3:], ref[:, 3:])
+
+
+def test_seed_encode_decode_save_load_and_training_losses(tmp_path):
+    tok = _tiny_seed()
+    x = torch.rand(3, 3, 16, 16)
+    ids = tok.encode(x)
+    assert ids.shape == (3, 6) and ids.dtype == torch.long and ids.max() < 16
+    img = tok.decode(ids)
+    assert img.shape == (3, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+    tok.train()
+    losses = tok.losses(x)
+    losses["loss"].backward()
+    assert all(p.grad is None for p in tok.vit.parameters())  # the ViT stays frozen
+    assert tok.queries.grad is not None and tok.vq.usage.sum() == 18
+    tok.eval()
+    tok.save_pretrained(str(tmp_path / "s"))
+    back = load(str(tmp_path / "s"))
+    assert torch.equal(back.encode(x), ids) and torch.allclose(back.decode(ids), img)
+
+
+def test_seed_training_script_quick_mode(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "train_seed.py"), "--quick", "--out", str(tmp_path), "--threads", "1"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    tok = load(str(tmp_path / "tokenizer"))
+    assert tok.encode(torch.rand(1, 3, 96, 96)).shape == (1, 32)

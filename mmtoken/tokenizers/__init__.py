@@ -13,8 +13,9 @@ from ..errors import MmtokenError
 from .base import ImageTokenizer
 from .flextok import FlexTok, FlexTokConfig
 from .fsq import FSQ
+from .seed import Seed, SeedConfig
 
-__all__ = ["FSQ", "FlexTok", "FlexTokConfig", "ImageTokenizer", "builtin_tokenizers", "load"]
+__all__ = ["FSQ", "FlexTok", "FlexTokConfig", "ImageTokenizer", "Seed", "SeedConfig", "builtin_tokenizers", "load"]
 
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 

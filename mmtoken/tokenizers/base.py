@@ -96,5 +96,6 @@ class ImageTokenizer(torch.nn.Module):
 
 def _kinds() -> dict[str, type[ImageTokenizer]]:
     from .flextok import FlexTok
+    from .seed import Seed
 
-    return {FlexTok.kind: FlexTok}
+    return {FlexTok.kind: FlexTok, Seed.kind: Seed}
