@@ -44,6 +44,7 @@ class ImageTokenizer(torch.nn.Module):
 
     kind: ClassVar[str] = ""
     Config: ClassVar[type] = object
+    flexible_length: ClassVar[bool] = False  # decodes any prefix ids[:, :k]
 
     def __init__(self, config: Any):
         super().__init__()

@@ -63,8 +63,8 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
     from .base import to_tensor
 
     x = to_tensor(full, size)
-    ks = [2**i for i in range(tok.n_tokens.bit_length()) if 2**i <= tok.n_tokens]
-    if ks[-1] != tok.n_tokens:
+    ks = [2**i for i in range(tok.n_tokens.bit_length()) if 2**i <= tok.n_tokens] if tok.flexible_length else []
+    if not ks or ks[-1] != tok.n_tokens:
         ks.append(tok.n_tokens)
     ids = torch.cat([tok.encode(x[i : i + batch]) for i in range(0, len(x), batch)])
 

@@ -101,6 +101,7 @@ def register_mask(n_patches: int, n_registers: int, device: Any = None) -> Tenso
 class FlexTok(ImageTokenizer):
     kind = "flextok"
     Config = FlexTokConfig
+    flexible_length = True
 
     def __init__(self, config: FlexTokConfig):
         super().__init__(config)
