@@ -37,7 +37,7 @@ def main(src: str, name: str, phase: str | None = None) -> None:
     if old is not None and "phases" in old:
         args = curve.get("args", {})
         command = "python scripts/train_tiny_llava.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in args.items() if v not in (None, False) and k != "quick")
+            f"--{k.replace('_', '-')} {v}" for k, v in args.items() if v is not None and v is not False and k != "quick")
         old["phases"].append({"phase": phase, "command": command, "vision": curve.get("vision", []), "lm": curve.get("lm", [])})
         curve = old
     with open(os.path.join(dst, "training_curve.json"), "w") as f:
