@@ -218,6 +218,8 @@ class OperaPlugin(Plugin):
         images_per_row = [_image_runs(row[m.bool()], image_id) for row, m in zip(input_ids, attention_mask)]
         pixel_values, image_sizes = kwargs.pop("pixel_values", None), kwargs.pop("image_sizes", None)
         outs, firsts, self.last_rollbacks = [], [], []
+        handle = getattr(model, "_mmtoken_handle", None)
+        merged = {"in": [], "out": [], "layers": {}}
         first_image = 0
         for b in range(input_ids.shape[0]):
             ids = input_ids[b, attention_mask[b].bool()][None]
@@ -231,6 +233,12 @@ class OperaPlugin(Plugin):
             new, n_back, first = self._search(model, gc, ids, extra)
             outs.append(new)
             firsts.append(first)
+            if handle is not None:  # the prefill's stats hold this sample's beams: keep its first beam
+                st = handle.adapter.stats
+                merged["in"] += st.image_tokens_in[:n_img]
+                merged["out"] += st.image_tokens_out[:n_img]
+                for layer, counts in st.llm_visual_tokens.items():
+                    merged["layers"].setdefault(layer, []).append(counts[0])
             self.last_rollbacks.append(n_back)
         eos = gc.eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -240,6 +248,9 @@ class OperaPlugin(Plugin):
         for b, o in enumerate(outs):
             new_ids[b, : o.numel()] = o
         sequences = torch.cat([input_ids, new_ids], dim=1)
+        if handle is not None:
+            st = handle.adapter.stats
+            st.image_tokens_in, st.image_tokens_out, st.llm_visual_tokens = merged["in"], merged["out"], merged["layers"]
         if not as_dict:
             return sequences
         from transformers.generation.utils import GenerateBeamDecoderOnlyOutput

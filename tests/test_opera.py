@@ -110,9 +110,11 @@ def test_penalty_and_rollbacks_run_batched_like_single_and_compose(llava):
         plain = _gen(llava, batch)
     with mmtoken.apply(llava, spec.replace("sigma=400", "sigma=400,alpha=50")):
         assert not torch.equal(_gen(llava, batch), plain)  # the penalty changes decoding
-    with mmtoken.apply(llava, "fastv:k=1,keep=0.5+" + spec):
+    with mmtoken.apply(llava, "fastv:k=1,keep=0.5+" + spec) as h:
         out = _gen(llava, batch)
         assert out.shape[0] == 3
+        n_img = int((batch["input_ids"][0] == llava.config.image_token_id).sum())
+        assert h.stats.llm_visual_tokens[2] == [n_img // 2] * 3  # one row per sample, not per beam
     with mmtoken.apply(llava, "opera:num_beams=1,r=2,min_rollback_pos=0"):  # greedy + penalty
         assert _gen(llava, batch).shape[0] == 3
 
