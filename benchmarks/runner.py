@@ -294,6 +294,22 @@ def _truncate_partial_line(path: str) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def _flops_over_all_samples(row: dict, rows: list[dict], config: Any) -> None:
+    """Methods whose token counts differ per sample (e.g. visual-token exit): recompute the analytic
+    FLOPs from every evaluated sample's per-layer visual tokens instead of the speed batch's."""
+    per = [r["visual_per_layer"] for r in rows if r.get("visual_per_layer")]
+    if len(per) != len(rows) or not per or "text_tokens" not in row:
+        return
+    n = len(per[0])
+    mean = [sum(p[l] for p in per) / len(per) for l in range(n)]
+    vc = config.vision_config
+    n_vit = (vc.image_size // vc.patch_size) ** 2 + 1
+    t = row["text_tokens"]
+    row["visual_tokens_per_layer"] = mean
+    row["prefill_flops"] = speed.llm_flops(config, [t + v for v in mean]) + speed.vit_flops(config, [n_vit] * vc.num_hidden_layers)
+    row["decode_flops_per_token"] = speed.decode_flops_per_token(config, [t + v for v in mean])
+
+
 def exit_layer_histogram(rows: list[dict]) -> dict[str, int] | None:
     """For methods after which no visual token is left in some layers (visual-token exit): how many samples
     lost their last visual token before each LLM layer (``"none"``: kept some to the end). None when no
@@ -363,6 +379,7 @@ def run(cfg: RunConfig) -> dict:
                 if cfg.speed:
                     items = task.items(cfg.limit)[: cfg.batch_size]
                     row.update(speed.measure(lm, items, method, task.max_new_tokens, cfg.device, repeats=cfg.speed_repeats))
+                    _flops_over_all_samples(row, rows, lm.model.config)
                 summary_rows.append(row)
                 _write_summary(cfg, summary_rows)
     dist.barrier()

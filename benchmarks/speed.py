@@ -182,6 +182,7 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         "prefill_flops": llm_flops(model.config, [text_tokens + v for v in per_layer]) + vit_flops(model.config, vit_layers),
         "decode_flops_per_token": decode_flops_per_token(model.config, [text_tokens + v for v in per_layer]),
         "visual_tokens_per_layer": per_layer,
+        "text_tokens": text_tokens,
         "oracle": None,
         "oracle_prefill_s": None,
     }

@@ -77,7 +77,7 @@ def _cmd_prefill(args: argparse.Namespace) -> int:
 DEFAULT_METHODS = [
     "none", "random:keep=0.5,0.25,0.11", "pool:stride=2,3", "visionzip:keep=0.5,0.25,0.11",
     "fastv:k=2,keep=0.5,0.25,0.11", "tome:keep=0.5,0.25", "turbo:keep=0.5,0.25", "globalcom2:keep=0.5,0.25,0.11",
-    "corrcomp", "corrcomp:keep=0.25", "vmtc:keep=0.25,0.11",
+    "corrcomp", "corrcomp:keep=0.25", "vmtc:keep=0.25,0.11", "dyvte", "fastv:k=2,keep=0.5+dyvte",
 ]
 DEFAULT_TASKS = ["synth-vqa", "synth-pope"]
 
