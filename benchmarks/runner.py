@@ -284,6 +284,37 @@ def run_row(lm: LoadedModel, task: BenchTask, method: str, cfg: RunConfig, dist:
     return unique
 
 
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a model's configuration and weights (to refuse resuming a run with another model)."""
+    import hashlib
+
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_same_model(cfg: RunConfig, model_name: str, model: torch.nn.Module, dist: Dist) -> None:
+    """Samples already in ``cfg.out`` must come from this very model (same config and weights)."""
+    folder = os.path.join(cfg.out, "samples", slug(model_name))
+    path = os.path.join(folder, "model.json")
+    fp = model_fingerprint(model)
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f).get("fingerprint")
+        if stored != fp:
+            raise mmtoken.MmtokenError(
+                f"{folder} holds samples of a different {model_name!r} (other weights or configuration); "
+                "pass a fresh --out, or delete that folder to start over"
+            )
+        return
+    if dist.rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"model": model_name, "fingerprint": fp}, f)
+
+
 def _truncate_partial_line(path: str) -> None:
     """Drop a last line cut short by a crash, so appending continues on a line boundary."""
     if not os.path.exists(path):
@@ -358,6 +389,7 @@ def run(cfg: RunConfig) -> dict:
     summary_rows = []
     for model_name in cfg.models:
         lm = load_model(model_name, device=cfg.device, dtype=cfg.dtype)
+        _check_same_model(cfg, model_name, lm.model, dist)
         for task in tasks:
             reference: dict[str, dict] | None = None
             for method in methods:

@@ -134,3 +134,17 @@ def test_exit_layer_histogram():
             {"visual_per_layer": [9, 0, 0, 0]}, {"visual_per_layer": None}]
     assert runner.exit_layer_histogram(rows) == {"1": 2, "2": 1, "none": 1}
     assert runner.exit_layer_histogram([{"visual_per_layer": [9, 4, 4]}]) is None
+
+
+def test_resuming_with_another_model_is_refused(tmp_path):
+    import mmtoken
+    from mmtoken.testing import save_random_world_model
+
+    model = str(tmp_path / "m")
+    save_random_world_model(model, seed=0)
+    out = tmp_path / "out"
+    runner.run(_cfg(model, out))
+    runner.run(_cfg(model, out))  # the same model resumes
+    save_random_world_model(model, seed=1)  # same name, other weights
+    with pytest.raises(mmtoken.MmtokenError, match="holds samples of a different"):
+        runner.run(_cfg(model, out))
