@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mmtoken", "mmtoken.adapters", "mmtoken.world", "mmtoken.plugins", "mmtoken.benchmarks"],
+    packages=["mmtoken", "mmtoken.adapters", "mmtoken.world", "mmtoken.plugins", "mmtoken.benchmarks", "mmtoken.tokenizers"],
     package_dir={"mmtoken": "mmtoken", "mmtoken.plugins": "plugins", "mmtoken.benchmarks": "benchmarks"},
     package_data={"mmtoken": ["checkpoints/*/*.json", "checkpoints/*/*.safetensors"]},
     install_requires=[

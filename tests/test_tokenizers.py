@@ -72,7 +72,7 @@ def test_load_refuses_clearly(tmp_path):
     with pytest.raises(MmtokenError, match="no tokenizer"):
         load(str(tmp_path / "missing"))
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "tokenizer_config.json").write_text('{"kind": "nope", "config": {}}')
+    (tmp_path / "bad" / "image_tokenizer.json").write_text('{"kind": "nope", "config": {}}')
     with pytest.raises(MmtokenError, match="field 'kind'"):
         ImageTokenizer.from_pretrained(str(tmp_path / "bad"))
 
@@ -161,3 +161,9 @@ def test_seed_training_script_quick_mode(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     tok = load(str(tmp_path / "tokenizer"))
     assert tok.encode(torch.rand(1, 3, 96, 96)).shape == (1, 32)
+
+
+def test_builtin_names_are_image_tokenizers_only():
+    from mmtoken.tokenizers import builtin_tokenizers
+
+    assert "tiny-llava" not in builtin_tokenizers()  # a model folder (with a text tokenizer) is not one

@@ -24,7 +24,7 @@ def builtin_tokenizers() -> list[str]:
     """Names of the tokenizers shipped in this installation."""
     if not os.path.isdir(CHECKPOINTS):
         return []
-    return sorted(n for n in os.listdir(CHECKPOINTS) if os.path.isfile(os.path.join(CHECKPOINTS, n, "tokenizer_config.json")))
+    return sorted(n for n in os.listdir(CHECKPOINTS) if os.path.isfile(os.path.join(CHECKPOINTS, n, "image_tokenizer.json")))
 
 
 def load(name_or_path: str) -> ImageTokenizer:

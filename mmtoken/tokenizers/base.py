@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..errors import MmtokenError
 
-CONFIG_FILE = "tokenizer_config.json"
+CONFIG_FILE = "image_tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
