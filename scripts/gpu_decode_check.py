@@ -1,0 +1,71 @@
+"""GPU check for the decode and exit methods on a 7B-shaped random LLaVA-1.5 (bf16, SDPA), no downloads:
+per generated token, ``opera`` vs plain ``beam`` at equal beams (batch 1, forced length), and the prefill of
+``dyvte:mode=fixed`` exits against the FLOP reduction they predict.
+
+    python scripts/gpu_decode_check.py            # on a GPU machine
+    python scripts/gpu_decode_check.py --tiny     # the same code path on small shapes (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mmtoken  # noqa: E402
+from gpu_check import shapes, timed  # noqa: E402
+from mmtoken.benchmarks.speed import llm_flops, vit_flops  # noqa: E402
+from mmtoken.testing import make_batch, tiny_llava  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sh = shapes(args.tiny)
+    model = tiny_llava(**sh, attn="sdpa", device=device, dtype=dtype)
+    batch = {k: v.to(device) for k, v in make_batch(model, 1, seed=0, prompt_lens=[32]).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    n = args.new_tokens
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print("\n| decoding (batch 1) | ms per generated token |\n|---|---|")
+    for spec in ("beam:num_beams=5", "opera:num_beams=5", "greedy"):
+        with mmtoken.apply(model, spec):
+            def gen(k):
+                def f():
+                    with torch.inference_mode():
+                        model.generate(**batch, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+                return f
+            per = (timed(gen(n + 1), device, 1, 3) - timed(gen(1), device, 1, 3)) / n
+        print(f"| `{spec}` | {per * 1e3:.1f} |", flush=True)
+    layers = model.config.text_config.num_hidden_layers
+    full_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    text = batch["input_ids"].shape[1] - full_tokens
+    vc = model.config.vision_config
+    vit = vit_flops(model.config, [(vc.image_size // vc.patch_size) ** 2 + 1] * vc.num_hidden_layers)
+
+    def prefill():
+        with torch.inference_mode():
+            model(**batch, logits_to_keep=1)
+
+    base = timed(prefill, device)
+    f_full = llm_flops(model.config, [text + full_tokens] * layers) + vit
+    print("\n| prefill (batch 1) | ms | speedup | FLOP reduction predicts |\n|---|---|---|---|")
+    print(f"| full | {base * 1e3:.1f} | 1.00x | 1.00x |")
+    for layer in (layers // 4, layers // 2):
+        with mmtoken.apply(model, f"dyvte:mode=fixed,layer={layer}"):
+            t = timed(prefill, device)
+        f = llm_flops(model.config, [text + full_tokens] * layer + [text] * (layers - layer)) + vit
+        print(f"| `dyvte:mode=fixed,layer={layer}` | {t * 1e3:.1f} | {base / t:.2f}x | {f_full / f:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
