@@ -126,3 +126,17 @@ def test_return_dict_gives_first_step_logits(llava):
     with mmtoken.apply(llava, "opera:num_beams=2"), torch.no_grad():
         out = llava.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape[0] == 2 and torch.allclose(out.logits[0], ref, atol=1e-4)
+
+
+def test_llava_next_batch_equals_single(llava_next):
+    from mmtoken.testing import make_next_batch
+
+    s = llava_next.config.vision_config.image_size
+    batch = make_next_batch(llava_next, [(2 * s, s), (s, s), (s, 2 * s)], seed=7)
+    with mmtoken.apply(llava_next, "opera:num_beams=2,n_can=3,r=2,min_rollback_pos=0,sigma=400"):
+        ids = _gen(llava_next, batch)
+        for i in range(3):
+            one = select_rows(batch, i)
+            got = _gen(llava_next, one)[0, one["input_ids"].shape[1] :]
+            n = ids.shape[1] - batch["input_ids"].shape[1]
+            assert torch.equal(got, ids[i, -n:][: got.numel()])
