@@ -331,14 +331,8 @@ def _flops_over_all_samples(row: dict, rows: list[dict], config: Any) -> None:
     per = [r["visual_per_layer"] for r in rows if r.get("visual_per_layer")]
     if len(per) != len(rows) or not per or "text_tokens" not in row:
         return
-    n = len(per[0])
-    mean = [sum(p[l] for p in per) / len(per) for l in range(n)]
-    vc = config.vision_config
-    n_vit = (vc.image_size // vc.patch_size) ** 2 + 1
-    t = row["text_tokens"]
-    row["visual_tokens_per_layer"] = mean
-    row["prefill_flops"] = speed.llm_flops(config, [t + v for v in mean]) + speed.vit_flops(config, [n_vit] * vc.num_hidden_layers)
-    row["decode_flops_per_token"] = speed.decode_flops_per_token(config, [t + v for v in mean])
+    mean = [sum(p[l] for p in per) / len(per) for l in range(len(per[0]))]
+    row.update(speed.flop_counts(config, row["text_tokens"], mean))
 
 
 def exit_layer_histogram(rows: list[dict]) -> dict[str, int] | None:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 import mmtoken
+from mmtoken.models import eos_token_ids
 
 
 def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
@@ -96,13 +97,26 @@ def decode_flops_per_token(config: Any, context_per_layer: list[float]) -> float
 
 def generated_tokens(new_ids: torch.Tensor, generation_config: Any) -> int:
     """Tokens really generated in a batch: each row up to and including its first end-of-sequence token."""
-    eos = generation_config.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos = eos_token_ids(generation_config)
     if not eos or new_ids.shape[1] == 0:
         return int(new_ids.numel())
     hit = torch.isin(new_ids, torch.tensor(eos, device=new_ids.device))
     first = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, torch.full_like(hit[:, 0], new_ids.shape[1], dtype=torch.long))
     return int(first.sum())
+
+
+def flop_counts(config: Any, text_tokens: float, visual_per_layer: list[float]) -> dict[str, Any]:
+    """``prefill_flops`` (vision tower at its full token count — for merging plugins an upper bound —
+    plus the LLM at ``text_tokens`` + each layer's visual tokens), ``decode_flops_per_token`` and the
+    per-layer visual tokens they were computed from."""
+    vc = config.vision_config
+    n_vit = (vc.image_size // vc.patch_size) ** 2 + 1
+    context = [text_tokens + v for v in visual_per_layer]
+    return {
+        "prefill_flops": llm_flops(config, context) + vit_flops(config, [n_vit] * vc.num_hidden_layers),
+        "decode_flops_per_token": decode_flops_per_token(config, context),
+        "visual_tokens_per_layer": visual_per_layer,
+    }
 
 
 def oracle_spec(visual_per_layer: dict[int, list[int]], full: list[int]) -> str | None:
@@ -168,9 +182,6 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         if handle is not None:
             handle.remove()
     b = len(items)
-    vc = model.config.vision_config
-    n_vit = (vc.image_size // vc.patch_size) ** 2 + 1
-    vit_layers = [n_vit] * vc.num_hidden_layers  # merging plugins: an upper bound
     out = {
         "batch_size": b,
         "prefill_s": prefill_s,
@@ -179,9 +190,7 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         "samples_per_s": b / e2e_s,
         "tokens_per_s": generated[-1] / e2e_s,
         "peak_mem_bytes": mem,
-        "prefill_flops": llm_flops(model.config, [text_tokens + v for v in per_layer]) + vit_flops(model.config, vit_layers),
-        "decode_flops_per_token": decode_flops_per_token(model.config, [text_tokens + v for v in per_layer]),
-        "visual_tokens_per_layer": per_layer,
+        **flop_counts(model.config, text_tokens, per_layer),
         "text_tokens": text_tokens,
         "oracle": None,
         "oracle_prefill_s": None,

@@ -20,6 +20,12 @@ CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoi
 LLAVA15_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 
 
+def eos_token_ids(generation_config: Any) -> list[int]:
+    """A generation config's end-of-sequence ids as a list (it may hold None, one id or several)."""
+    eos = generation_config.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
 def builtin_models() -> list[str]:
     if not os.path.isdir(CHECKPOINTS):
         return []

@@ -121,6 +121,7 @@ class DyVTEPlugin(Plugin):
         super().__init__(config)
         self.router_net: Routers | None = None
         self.exit_layers: list[int] = []  # per sample of the last prefill: the exit layer, -1 = never
+        self._first_layer: int | None = None  # the plan's first drop layer
 
     def bind(self, model: Any) -> None:
         if self.config.mode != "router":
@@ -143,19 +144,21 @@ class DyVTEPlugin(Plugin):
         if c.mode == "fixed":
             if c.layer >= n_layers:
                 raise ConfigError(f"dyvte: layer={c.layer} must be below the model's {n_layers} decoder layers")
-            return [LLMDrop(layer=c.layer)]
-        first = max(c.min_layer, 1 if c.mode == "attention" else 0)
-        layers = list(range(first, n_layers))
-        if c.mode == "router":
-            layers = [l for l in layers if l in set(self.router_net.layers)]
-            return [LLMDrop(layer=l) for l in layers]
-        return [LLMDrop(layer=l, rows_from=l - 1, queries="text") for l in layers]
+            plan = [LLMDrop(layer=c.layer)]
+        else:
+            layers = range(max(c.min_layer, 1 if c.mode == "attention" else 0), n_layers)
+            if c.mode == "router":
+                trained = set(self.router_net.layers)
+                plan = [LLMDrop(layer=l) for l in layers if l in trained]
+            else:
+                plan = [LLMDrop(layer=l, rows_from=l - 1, queries="text") for l in layers]
+        self._first_layer = min((d.layer for d in plan), default=None)
+        return plan
 
     def llm_keep(self, ctx: LLMContext) -> list[Tensor]:
         c = self.config
-        b = ctx.hidden.shape[0]
-        if ctx.layer == min(d.layer for d in self.llm_plan(ctx.n_layers)):
-            self.exit_layers = [-1] * b
+        if ctx.layer == self._first_layer:  # a new prefill: forget the last one's exits
+            self.exit_layers = [-1] * ctx.hidden.shape[0]
         has_image = ctx.image_mask.any(-1)
         if c.mode == "fixed":
             exit_now = has_image

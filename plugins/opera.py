@@ -51,6 +51,7 @@ from torch import Tensor
 
 from mmtoken.attention import llm_rows_against_cache
 from mmtoken.config import PluginConfig, param
+from mmtoken.models import eos_token_ids
 from mmtoken.plugin import Plugin, register_plugin
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,11 +241,8 @@ class OperaPlugin(Plugin):
                 for layer, counts in st.llm_visual_tokens.items():
                     merged["layers"].setdefault(layer, []).append(counts[0])
             self.last_rollbacks.append(n_back)
-        eos = gc.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        fill = (gc.pad_token_id or eos[0]) if eos else -1  # what transformers' beam search pads with
         width = max(int(o.numel()) for o in outs)
-        new_ids = torch.full((len(outs), width), fill, dtype=input_ids.dtype, device=input_ids.device)
+        new_ids = torch.full((len(outs), width), _fill_id(gc), dtype=input_ids.dtype, device=input_ids.device)
         for b, o in enumerate(outs):
             new_ids[b, : o.numel()] = o
         sequences = torch.cat([input_ids, new_ids], dim=1)
@@ -270,8 +268,7 @@ class OperaPlugin(Plugin):
         dev = ids.device
         p = ids.shape[1]
         max_length = gc.max_length if gc.max_new_tokens is None else p + gc.max_new_tokens
-        eos = gc.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos = eos_token_ids(gc)
         eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
         length_penalty = 1.0 if gc.length_penalty is None else gc.length_penalty
         early_stopping = False if gc.early_stopping is None else gc.early_stopping
@@ -282,8 +279,7 @@ class OperaPlugin(Plugin):
         max_back = cfg.max_rollbacks or cfg.n_can
 
         # state, as transformers' beam search keeps it (batch of one sample)
-        fill = (gc.pad_token_id or eos[0]) if eos else -1
-        running = torch.full((1, beams, max_length), fill, dtype=torch.long, device=dev)
+        running = torch.full((1, beams, max_length), _fill_id(gc), dtype=torch.long, device=dev)
         running[:, :, :p] = ids
         st = {
             "running": running, "sequences": running.clone(),
@@ -425,6 +421,12 @@ class OperaPlugin(Plugin):
             r = target.shape[0]
             self._forward(model, input_ids=target[:, m:want], attention_mask=torch.ones(r, want, dtype=torch.long, device=target.device),
                           cache=cache)
+
+
+def _fill_id(gc: Any) -> int:
+    """What transformers' beam search pads finished sequences with (``pad_token_id or eos[0]``)."""
+    eos = eos_token_ids(gc)
+    return (gc.pad_token_id or eos[0]) if eos else -1
 
 
 class _Logits:

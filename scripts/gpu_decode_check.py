@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mmtoken  # noqa: E402
 from gpu_check import shapes, timed  # noqa: E402
-from mmtoken.benchmarks.speed import llm_flops, vit_flops  # noqa: E402
+from mmtoken.benchmarks.speed import flop_counts  # noqa: E402
 from mmtoken.testing import make_batch, tiny_llava  # noqa: E402
 
 
@@ -49,21 +49,19 @@ def main():
     layers = model.config.text_config.num_hidden_layers
     full_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     text = batch["input_ids"].shape[1] - full_tokens
-    vc = model.config.vision_config
-    vit = vit_flops(model.config, [(vc.image_size // vc.patch_size) ** 2 + 1] * vc.num_hidden_layers)
 
     def prefill():
         with torch.inference_mode():
             model(**batch, logits_to_keep=1)
 
     base = timed(prefill, device)
-    f_full = llm_flops(model.config, [text + full_tokens] * layers) + vit
+    f_full = flop_counts(model.config, text, [full_tokens] * layers)["prefill_flops"]
     print("\n| prefill (batch 1) | ms | speedup | FLOP reduction predicts |\n|---|---|---|---|")
     print(f"| full | {base * 1e3:.1f} | 1.00x | 1.00x |")
     for layer in (layers // 4, layers // 2):
         with mmtoken.apply(model, f"dyvte:mode=fixed,layer={layer}"):
             t = timed(prefill, device)
-        f = llm_flops(model.config, [text + full_tokens] * layer + [text] * (layers - layer)) + vit
+        f = flop_counts(model.config, text, [full_tokens] * layer + [0] * (layers - layer))["prefill_flops"]
         print(f"| `dyvte:mode=fixed,layer={layer}` | {t * 1e3:.1f} | {base / t:.2f}x | {f_full / f:.2f}x |", flush=True)
 
 

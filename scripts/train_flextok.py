@@ -23,19 +23,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmtoken.tokenizers import FlexTok, FlexTokConfig  # noqa: E402
-from mmtoken.world import render  # noqa: E402
+from mmtoken.tokenizers.evaluate import psnr  # noqa: E402
+from mmtoken.world import render_batch  # noqa: E402
 from mmtoken.world.scenes import sample_scene  # noqa: E402
 from mmtoken.world.tasks import HELD_OUT  # noqa: E402
 
 
 def images(seeds, size: int) -> torch.Tensor:
-    arr = np.stack([np.asarray(render(sample_scene(int(s)), size), dtype=np.float32) for s in seeds])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 255.0
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = ((a - b) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
-    return float((10 * torch.log10(1.0 / mse)).mean())
+    return render_batch([sample_scene(int(s)) for s in seeds], size)
 
 
 def prefix_lengths(k: int) -> list[int]:
@@ -46,7 +41,7 @@ def prefix_lengths(k: int) -> list[int]:
 def evaluate(tok: FlexTok, x: torch.Tensor, steps: int) -> dict[str, float]:
     tok.eval()
     ids = tok.encode(x)
-    out = {f"psnr@{k}": psnr(tok.decode(ids[:, :k], steps=steps), x) for k in prefix_lengths(tok.n_tokens)}
+    out = {f"psnr@{k}": float(psnr(tok.decode(ids[:, :k], steps=steps), x).mean()) for k in prefix_lengths(tok.n_tokens)}
     out["codes_used"] = int(torch.unique(ids).numel())
     tok.train()
     return out

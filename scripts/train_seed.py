@@ -27,15 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmtoken.models import load_model  # noqa: E402
 from mmtoken.tokenizers import Seed, SeedConfig  # noqa: E402
 from mmtoken.tokenizers.evaluate import psnr  # noqa: E402
-from mmtoken.world import render  # noqa: E402
+from mmtoken.world import render_batch  # noqa: E402
 from mmtoken.world.scenes import sample_scene  # noqa: E402
 from mmtoken.world.tasks import HELD_OUT, caption, vocabulary  # noqa: E402
 
 
 def batch(seeds, size):
     scenes = [sample_scene(int(s)) for s in seeds]
-    x = torch.from_numpy(np.stack([np.asarray(render(s, size), dtype=np.float32) for s in scenes])).permute(0, 3, 1, 2) / 255.0
-    return x, [caption(s) for s in scenes]
+    return render_batch(scenes, size), [caption(s) for s in scenes]
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmtoken.world import COLOURS, SHAPES, get_task, render  # noqa: E402
+from mmtoken.world import COLOURS, SHAPES, get_task, render_batch  # noqa: E402
 from mmtoken.world.build import PROMPT, build_processor, build_tokenizer, tiny_llava_config, write_world_card  # noqa: E402
 from mmtoken.world.scenes import patch_labels, sample_scene  # noqa: E402
 from mmtoken.world.tasks import vocabulary  # noqa: E402
@@ -38,8 +38,7 @@ CATS = [(c, s) for c in COLOURS for s in SHAPES]
 
 
 def pixels(scenes, size: int) -> torch.Tensor:
-    arr = np.stack([np.asarray(render(s, size), dtype=np.float32) for s in scenes])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(255.0).sub(0.5).div(0.5)
+    return render_batch(scenes, size).sub(0.5).div(0.5)
 
 
 class VisionHeads(torch.nn.Module):

@@ -129,6 +129,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, o: Obj, scale: float) -> None:
         raise ValueError(f"unknown shape {o.shape!r}")
 
 
+def render_batch(scenes: list[Scene], size: int = CANVAS):
+    """The scenes rendered as a float tensor ``[B, 3, size, size]`` in [0, 1]."""
+    import torch
+
+    arr = np.stack([np.asarray(render(s, size), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(255.0)
+
+
 def render(scene: Scene, size: int = CANVAS) -> Image.Image:
     """The scene as an RGB image of ``size`` x ``size`` pixels."""
     scale = size / CANVAS
