@@ -170,6 +170,20 @@ TASKS: dict[str, BenchTask] = {
         "synth-format", _synthetic_items("synth-format"), format_scores, _format_aggregate, max_new_tokens=8,
         description="synthetic instruction following: upper case / JSON / one word (score = compliance)",
     ),
+    "synth-hires": BenchTask(
+        "synth-hires", _synthetic_items("synth-hires"),
+        lambda item, pred: {"accuracy": metrics.exact_match(_first_word(pred), item.answers)},
+        _synth_vqa_aggregate, max_new_tokens=3,
+        description="synthetic high-resolution VQA (192 px, small objects) for AnyRes models: colour, shape, count, "
+                    "existence, quarter",
+    ),
+    "synth-doc": BenchTask(
+        "synth-doc", _synthetic_items("synth-doc"),
+        lambda item, pred: {"accuracy": metrics.exact_match(_first_word(pred), item.answers)},
+        _synth_vqa_aggregate, max_new_tokens=3,
+        description="synthetic document pages (192 px: margins, text lines, a table of icons): colour, shape, count, "
+                    "existence of the icons",
+    ),
 }
 
 

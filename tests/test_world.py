@@ -1,5 +1,6 @@
 """The synthetic world: deterministic scenes, exact answers, disjoint splits, tokenizer and processor."""
 
+import json
 import os
 import subprocess
 import sys
@@ -144,3 +145,115 @@ def test_format_scoring():
     assert format_scores(js, '{ "answer" : "red" }') == {"compliance": 1.0, "accuracy": 1.0}
     assert format_scores(js, '{ "answer" : red }') == {"compliance": 0.0, "accuracy": 0.0}
     assert format_scores(word, "red circle") == {"compliance": 0.0, "accuracy": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# synth-hires and synth-doc
+
+
+def test_hires_scenes_are_deterministic_small_objects_in_distinct_cells():
+    from mmtoken.world.scenes import HIRES_CANVAS, sample_hires_scene
+
+    assert sample_hires_scene(9) == sample_hires_scene(9) and sample_hires_scene(9) != sample_hires_scene(10)
+    for seed in range(100):
+        s = sample_hires_scene(seed)
+        assert s.canvas == HIRES_CANVAS and 2 <= len(s.objects) <= 8
+        assert len({o.cell for o in s.objects}) == len(s.objects)
+        for o in s.objects:
+            row, col = divmod(o.cell, 6)
+            x0, y0, x1, y1 = o.box
+            assert o.size == "small" and col * 32 <= x0 and x1 <= col * 32 + 32 and row * 32 <= y0 and y1 <= row * 32 + 32
+    img = render(sample_hires_scene(3))
+    assert img.size == (192, 192)
+
+
+def test_doc_pages_hold_icons_inside_table_cells_and_are_mostly_blank():
+    from mmtoken.world.scenes import COLOURS, sample_doc_scene
+
+    blank = []
+    for seed in range(60):
+        s = sample_doc_scene(seed)
+        tx, ty, cw, rh, rows, cols = s.extra["table"]
+        assert 1 <= len(s.objects) <= rows * cols and len({o.cell for o in s.objects}) == len(s.objects)
+        for o in s.objects:
+            row, col = divmod(o.cell, cols)
+            x0, y0, x1, y1 = o.box
+            assert tx + col * cw < x0 and x1 < tx + (col + 1) * cw and ty + row * rh < y0 and y1 < ty + (row + 1) * rh
+        img = np.asarray(render(s)).astype(int)
+        for o in s.objects:
+            if o.shape != "triangle":
+                assert tuple(img[int(o.cy), int(o.cx)]) == COLOURS[o.colour]
+        blank.append(float((np.abs(img - img[0, 0]).sum(-1) == 0).mean()))
+    assert np.mean(blank) > 0.6  # wide margins and white space: most of the page is empty paper
+
+
+@pytest.mark.parametrize("name", ["synth-hires", "synth-doc"])
+def test_large_image_answers_are_exact(name):
+    from mmtoken.world.scenes import QUARTERS, quarter
+    from mmtoken.world.tasks import plural
+
+    samples = get_task(name).samples("test", 200)
+    assert {s.family for s in samples} == {"colour", "shape", "count", "exist"} | ({"position"} if name == "synth-hires" else set())
+    for s in samples:
+        objs, q, a = s.scene.objects, s.question, s.answers[0]
+        if s.family == "colour":
+            (o,) = [o for o in objs if f" {o.shape} " in q]
+            assert a == o.colour
+        elif s.family == "shape":
+            (o,) = [o for o in objs if f" {o.colour} " in q]
+            assert a == o.shape
+        elif s.family == "count":
+            shape = next(sh for sh in ("circle", "square", "triangle", "cross") if f" {plural(sh)} " in q)
+            assert a == str(sum(o.shape == shape for o in objs))
+        elif s.family == "exist":
+            colour, shape = q.split()[3:5]
+            assert (a == "yes") == ((colour, shape) in s.scene.categories())
+        else:
+            (o,) = [o for o in objs if f"{o.colour} {o.shape}" in q]
+            assert a == QUARTERS[quarter(o)]
+    assert set(vocabulary()) >= {w for s in samples for w in s.question.split() + s.answers}
+
+
+def test_next_processor_gives_a_thumbnail_and_four_crops():
+    from mmtoken.world.build import build_next_processor
+
+    tok = build_tokenizer(vocabulary())
+    proc = build_next_processor(tok)
+    s = get_task("synth-hires").sample("test", 0)
+    out = proc(images=[render(s.scene)], text=[PROMPT.format(question=s.question)], return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 5, 3, 96, 96)
+    assert int((out["input_ids"] == 3).sum()) == 144 + 24 * 25  # thumbnail + 24 crop rows of 24 tokens and a newline
+    # the top-left crop is the image's top-left quarter at full resolution
+    img = np.asarray(render(s.scene), dtype=np.float32) / 255
+    crop = out["pixel_values"][0, 1].permute(1, 2, 0).numpy() * 0.5 + 0.5
+    assert np.abs(crop - img[:96, :96]).max() < 1e-5
+
+
+def test_next_training_script_quick_mode(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava_next.py"), "--quick", "--out", str(tmp_path),
+                        "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "model")
+    assert model.config.image_grid_pinpoints == [[96, 192], [192, 96], [192, 192]]
+    assert json.loads((tmp_path / "curve.json").read_text())["lm"]
+
+
+def test_next_token_layout_targets_the_referent_object():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from train_tiny_llava_next import referent_targets, token_boxes
+
+    from mmtoken.world.build import tiny_llava_next_config, tiny_llava_config
+
+    cfg = tiny_llava_next_config(tiny_llava_config(10))
+    boxes = token_boxes(cfg, (192, 192), 192)
+    assert boxes.shape == (744, 4) and int((boxes[:, 0] < 0).sum()) == 24
+    s = next(x for x in get_task("synth-hires").samples("test", 50) if x.family == "shape")
+    (o,) = [o for o in s.scene.objects if f" {o.colour} " in s.question]
+    t = referent_targets([s], boxes)[0]
+    assert int((t[:144] > 0).sum()) == 1  # one thumbnail token holds the object's centre
+    hit = boxes[t > 0]
+    centres = (hit[:, :2] + hit[:, 2:]) / 2
+    assert ((centres - torch.tensor([o.cx, o.cy])).abs() <= 16).all() and 2 <= len(hit) <= 5

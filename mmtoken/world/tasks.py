@@ -11,6 +11,10 @@ training. Answers are single words of the world's vocabulary.
   ``"red circle and blue square ."``; the objects mentioned are exact, so CHAIR_s / CHAIR_i are exact.
 * ``synth-format``: a synth-vqa question with a required answer format — upper case, JSON
   (``{ "answer" : "red" }``) or one word — scored for compliance and for content.
+* ``synth-hires``: 192-px scenes of small objects for AnyRes models — colour / shape / count / existence /
+  quarter questions whose answers need the crops (the thumbnail shrinks objects below one patch).
+* ``synth-doc``: 192-px document pages (margins, text lines, a ruled table holding icons) — colour / shape
+  / count / existence questions about the icons.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .scenes import CELLS, COLOURS, PARTNER, SHAPES, Scene, sample_scene
+from .scenes import CELLS, COLOURS, PARTNER, QUARTERS, SHAPES, Scene, quarter, sample_doc_scene, sample_hires_scene, sample_scene
 
 HELD_OUT = 10_000_000
 NUMBERS = ("0", "1", "2", "3", "4", "5")
@@ -90,6 +94,38 @@ def _vqa_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str
     if rng.random() < 0.5:
         return fam, f"is the {a.colour} {a.shape} left of the {b.colour} {b.shape} ?", "yes" if a.cx < b.cx else "no"
     return fam, f"is the {a.colour} {a.shape} above the {b.colour} {b.shape} ?", "yes" if a.cy < b.cy else "no"
+
+
+def _large_image_question(scene: Scene, rng: np.random.Generator, with_position: bool) -> tuple[str, str, str]:
+    """A question about the small objects of a synth-hires scene or the icons of a synth-doc page."""
+    objs = scene.objects
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    families = ["count", "exist"] + (["position"] if with_position else [])
+    if _unique(objs, lambda o: o.shape):
+        families.append("colour")
+    if _unique(objs, lambda o: o.colour):
+        families.append("shape")
+    fam = pick(families)
+    if fam == "colour":
+        o = pick(_unique(objs, lambda o: o.shape))
+        return fam, f"what colour is the {o.shape} ?", o.colour
+    if fam == "shape":
+        o = pick(_unique(objs, lambda o: o.colour))
+        return fam, f"what shape is the {o.colour} object ?", o.shape
+    if fam == "count":
+        shape = pick(sorted({o.shape for o in objs})) if rng.random() < 0.7 else pick(SHAPES)
+        return fam, f"how many {plural(shape)} are there ?", str(min(5, sum(o.shape == shape for o in objs)))
+    if fam == "position":
+        o = pick(objs)
+        return fam, f"where is the {o.colour} {o.shape} ?", QUARTERS[quarter(o, scene.canvas)]
+    present = scene.categories()
+    if rng.random() < 0.5:
+        cat = pick(sorted(present))
+        return fam, f"is there a {cat[0]} {cat[1]} ?", "yes"
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    near = [c for c in absent if any(c[0] == p[0] or c[1] == p[1] for p in present)]
+    cat = pick(near or absent)
+    return fam, f"is there a {cat[0]} {cat[1]} ?", "no"
 
 
 def _category_frequencies() -> list[tuple[str, str]]:
@@ -168,12 +204,13 @@ class Task:
     metric: str  # headline metric name
     make: Callable[[Scene, np.random.Generator, int], tuple[str, str, str]]
     test_size: int = 1000
+    scene_fn: Callable[[int], Scene] = sample_scene
 
     def sample(self, split: str, index: int) -> Sample:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         seed = index + (HELD_OUT if split == "test" else 0)
-        scene = sample_scene(seed)
+        scene = self.scene_fn(seed)
         rng = np.random.default_rng([seed, 7])
         family, question, answer = self.make(scene, rng, index)
         return Sample(id=f"{self.name}/{split}/{index}", task=self.name, scene=scene, question=question,
@@ -189,6 +226,10 @@ TASKS: dict[str, Task] = {
     "synth-pope": Task("synth-pope", "f1", _pope_question, test_size=900),
     "synth-caption": Task("synth-caption", "chair_i", _caption_question, test_size=500),
     "synth-format": Task("synth-format", "compliance", _format_question, test_size=600),
+    "synth-hires": Task("synth-hires", "accuracy", lambda s, r, i: _large_image_question(s, r, True),
+                        test_size=600, scene_fn=sample_hires_scene),
+    "synth-doc": Task("synth-doc", "accuracy", lambda s, r, i: _large_image_question(s, r, False),
+                      test_size=600, scene_fn=sample_doc_scene),
 }
 
 
