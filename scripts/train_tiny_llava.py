@@ -73,10 +73,12 @@ def vision_step(model, heads, seeds, grid, size):
 
 
 def encode_samples(tok, samples, n_img):
-    """Right-padded ids, labels (answer + </s>) and mask for training."""
+    """Right-padded ids, labels (answer + </s>) and mask for training; ``n_img``: image tokens per sample
+    (one int for all, or a list)."""
     rows, labels = [], []
-    for s in samples:
-        prompt = PROMPT.format(question=s.question).replace("<image>", " ".join(["<image>"] * n_img))
+    counts = n_img if isinstance(n_img, (list, tuple)) else [n_img] * len(samples)
+    for s, k in zip(samples, counts):
+        prompt = PROMPT.format(question=s.question).replace("<image>", " ".join(["<image>"] * k))
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         ans = tok(s.answers[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(ids + ans)
@@ -90,6 +92,20 @@ def encode_samples(tok, samples, n_img):
         lab[i, : len(l)] = torch.tensor(l)
         mask[i, : len(r)] = 1
     return ids, lab, mask
+
+
+def drop_tokens(rng, n_samples: int, n_tok: int, drop: float, min_keep: float) -> list[torch.Tensor]:
+    """Token-drop augmentation: per sample, the visual tokens it keeps (sorted). With probability ``drop``
+    a random subset whose share is uniform in [``min_keep``, 1], else all of them. Kept tokens are really
+    removed from the sequence (positions compacted), as a `visual`-stage compression plugin does."""
+    keeps = []
+    for _ in range(n_samples):
+        if drop > 0 and rng.random() < drop:
+            k = max(1, int(round(rng.uniform(min_keep, 1.0) * n_tok)))
+            keeps.append(torch.from_numpy(np.sort(rng.choice(n_tok, size=k, replace=False))))
+        else:
+            keeps.append(torch.arange(n_tok))
+    return keeps
 
 
 def question_batch(tasks, rng, n_images, q_per_image, n_max=5):
@@ -144,38 +160,42 @@ ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
 
 
 def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3,
-            readout_families=ATTRIBUTE_FAMILIES):
+            readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
     ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
     With ``readout`` (a linear head over the vocabulary), questions about one object's attribute add a
     second dense loss at layer ``readout_layer``: the object's image tokens predict the answer, the other
-    image tokens predict ``<pad>`` (nothing to report)."""
-    n_img = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    ids, labels, mask = encode_samples(tok, samples, n_img * n_img)
+    image tokens predict ``<pad>`` (nothing to report). ``drop`` > 0: token-drop augmentation
+    (:func:`drop_tokens`)."""
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    n_tok = grid * grid
+    keeps = drop_tokens(rng, len(samples), n_tok, drop, min_keep) if drop > 0 else [torch.arange(n_tok)] * len(samples)
+    ids, labels, mask = encode_samples(tok, samples, [len(k) for k in keeps])
     with torch.no_grad():
         out = model.model.vision_tower(pixels([s.scene for s in samples[::q_per_image]], size), output_hidden_states=True)
         vis = out.hidden_states[model.config.vision_feature_layer][:, 1:]
     feats = model.model.multi_modal_projector(vis).repeat_interleave(q_per_image, dim=0)
+    feats = torch.cat([f[k] for f, k in zip(feats, keeps)])
     emb = model.model.get_input_embeddings()(ids)
     is_img = ids == model.config.image_token_id
     emb = emb.masked_scatter(is_img.unsqueeze(-1), feats.to(emb.dtype))
     out = model(inputs_embeds=emb, attention_mask=mask, labels=labels, output_hidden_states=grounding is not None)
     if grounding is None:
         return out.loss
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    target = torch.stack([referent_mask(s.question, s.scene, grid) for s in samples])
-    d = out.hidden_states[0].shape[-1]
-    h = out.hidden_states[grounding_layer][is_img].view(len(samples), -1, d)
+    full = [referent_mask(s.question, s.scene, grid) for s in samples]
+    target = torch.cat([m[k] for m, k in zip(full, keeps)])
+    h = out.hidden_states[grounding_layer][is_img]
     aux = F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
     if readout is not None:
-        rows = [i for i, s in enumerate(samples) if s.family in readout_families and target[i].any()]
-        if rows:
-            answer = torch.tensor([tok.convert_tokens_to_ids(samples[i].answers[0]) for i in rows])
-            labels_r = torch.where(target[rows] > 0, answer[:, None], torch.full_like(target[rows], tok.pad_token_id).long())
-            hr = out.hidden_states[readout_layer][is_img].view(len(samples), -1, d)[rows]
-            logits_r = readout(hr)
-            aux = aux + F.cross_entropy(logits_r.reshape(-1, logits_r.shape[-1]), labels_r.long().reshape(-1))
+        sample_of = torch.cat([torch.full((len(k),), i) for i, k in enumerate(keeps)])
+        rows = torch.tensor([s.family in readout_families and bool(m.any()) for s, m in zip(samples, full)])[sample_of]
+        if rows.any():
+            answer = torch.tensor([tok.convert_tokens_to_ids(s.answers[0]) if s.family in readout_families else tok.pad_token_id
+                                   for s in samples])[sample_of]
+            labels_r = torch.where(target > 0, answer, torch.full_like(answer, tok.pad_token_id))
+            logits_r = readout(out.hidden_states[readout_layer][is_img][rows])
+            aux = aux + F.cross_entropy(logits_r, labels_r[rows])
     return out.loss + aux
 
 
@@ -223,6 +243,9 @@ def main(argv=None):
     p.add_argument("--curriculum", type=float, default=0.3, help="share of stage 2 over which scenes grow from 1 to 5 objects")
     p.add_argument("--readout", type=float, default=1.0, help="1: add the dense answer-readout loss in stage 2; 0: off")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--drop", type=float, default=0.0,
+                   help="token-drop augmentation: share of stage-2 sequences trained on a random subset of visual tokens")
+    p.add_argument("--min-keep", type=float, default=0.1, help="smallest kept share of visual tokens under --drop")
     p.add_argument("--tasks", default="synth-vqa:1,synth-pope:1",
                    help="stage-2 question mix, name:weight,... (synth-vqa, synth-pope, synth-caption, synth-format)")
     p.add_argument("--readout-families", default=",".join(sorted(ATTRIBUTE_FAMILIES)),
@@ -294,7 +317,8 @@ def main(argv=None):
             g["lr"] = cosine(step, args.lm_steps, 100, args.lr)
         n_max = 1 + min(4, (4 * step) // ramp) if args.curriculum else 5
         samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max)
-        loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families)
+        loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
+                       rng=rng, drop=args.drop, min_keep=args.min_keep)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
