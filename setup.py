@@ -2,6 +2,9 @@
 
 from setuptools import setup
 
+# what lmms-eval 0.7.3 needs to import and run simple_evaluate (filelock < 4: it patches filelock._api)
+LMMS_EVAL_DEPS = ["datasets", "evaluate", "loguru", "tenacity", "pytz", "sacrebleu", "pytablewriter", "filelock<4"]
+
 setup(
     name="mmtoken",
     version="0.1.0",
@@ -23,8 +26,11 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "accelerate>=1.0"],
+        "test": ["pytest>=7", "accelerate>=1.0", *LMMS_EVAL_DEPS],
         "accelerate": ["accelerate>=1.0"],
+        # lmms-eval itself is installed with --no-deps (its declared dependencies pull a CUDA build of torch
+        # and tools it does not need to evaluate): see docs/benchmarks.md
+        "lmms-eval": LMMS_EVAL_DEPS,
     },
-    entry_points={"console_scripts": ["mmtoken=mmtoken.cli:main"]},
+    entry_points={"console_scripts": ["mmtoken=mmtoken.cli:main"], "lmms_eval.models": ["mmtoken = mmtoken.lmms_eval:manifest"]},
 )

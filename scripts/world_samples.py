@@ -1,4 +1,5 @@
-"""Render a sheet of held-out synthetic scenes with one question each: docs/img/world_samples.png."""
+"""Render sheets of held-out synthetic images with one question each: docs/img/world_samples.png (synth-vqa)
+and docs/img/world_large_samples.png (synth-hires, synth-doc)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmtoken.world import get_task, render  # noqa: E402
 
 
-def main(out: str = "docs/img/world_samples.png", n: int = 8, size: int = 192) -> None:
-    samples = get_task("synth-vqa").samples("test", n)
+def sheet_of(samples, out: str, size: int = 192) -> None:
+    n = len(samples)
     pad = 46
     sheet = Image.new("RGB", (size * 4, (size + pad) * ((n + 3) // 4)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -27,6 +28,11 @@ def main(out: str = "docs/img/world_samples.png", n: int = 8, size: int = 192) -
     os.makedirs(os.path.dirname(out), exist_ok=True)
     sheet.save(out, optimize=True)
     print(out)
+
+
+def main() -> None:
+    sheet_of(get_task("synth-vqa").samples("test", 8), "docs/img/world_samples.png")
+    sheet_of(get_task("synth-hires").samples("test", 4) + get_task("synth-doc").samples("test", 4), "docs/img/world_large_samples.png")
 
 
 if __name__ == "__main__":
