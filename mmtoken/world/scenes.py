@@ -188,14 +188,6 @@ def patch_labels(scene: Scene, grid: int) -> dict[str, np.ndarray]:
 # large images for AnyRes models: synth-hires scenes and synth-doc pages
 
 HIRES_CANVAS = 192
-QUARTERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-
-
-def quarter(o: Obj, canvas: int = HIRES_CANVAS) -> int:
-    """Index into ``QUARTERS`` of the quarter of the image that holds the object's centre."""
-    return 2 * int(o.cy >= canvas / 2) + int(o.cx >= canvas / 2)
-
-
 def _categories(rng: np.random.Generator, n: int, n_max: int, pair_bias: float) -> list[tuple[str, str]]:
     cats: list[tuple[str, str]] = []
     colours = list(COLOURS)

@@ -11,8 +11,8 @@ training. Answers are single words of the world's vocabulary.
   ``"red circle and blue square ."``; the objects mentioned are exact, so CHAIR_s / CHAIR_i are exact.
 * ``synth-format``: a synth-vqa question with a required answer format — upper case, JSON
   (``{ "answer" : "red" }``) or one word — scored for compliance and for content.
-* ``synth-hires``: 192-px scenes of small objects for AnyRes models — colour / shape / count / existence /
-  quarter questions whose answers need the crops (the thumbnail shrinks objects below one patch).
+* ``synth-hires``: 192-px scenes of small objects for AnyRes models — colour / shape / count / existence
+  questions whose answers need the crops (the thumbnail shrinks objects below one patch).
 * ``synth-doc``: 192-px document pages (margins, text lines, a ruled table holding icons) — colour / shape
   / count / existence questions about the icons.
 """
@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .scenes import CELLS, COLOURS, PARTNER, QUARTERS, SHAPES, Scene, quarter, sample_doc_scene, sample_hires_scene, sample_scene
+from .scenes import CELLS, COLOURS, PARTNER, SHAPES, Scene, sample_doc_scene, sample_hires_scene, sample_scene
 
 HELD_OUT = 10_000_000
 NUMBERS = ("0", "1", "2", "3", "4", "5")
@@ -96,11 +96,13 @@ def _vqa_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str
     return fam, f"is the {a.colour} {a.shape} above the {b.colour} {b.shape} ?", "yes" if a.cy < b.cy else "no"
 
 
-def _large_image_question(scene: Scene, rng: np.random.Generator, with_position: bool) -> tuple[str, str, str]:
-    """A question about the small objects of a synth-hires scene or the icons of a synth-doc page."""
+def _large_image_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """A question about the small objects of a synth-hires scene or the icons of a synth-doc page: colour,
+    shape, count or existence — what the thumbnail's 7-px objects do not resolve. (Where an object is can
+    be read off the thumbnail, so it is not asked.)"""
     objs = scene.objects
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-    families = ["count", "exist"] + (["position"] if with_position else [])
+    families = ["count", "exist"]
     if _unique(objs, lambda o: o.shape):
         families.append("colour")
     if _unique(objs, lambda o: o.colour):
@@ -115,9 +117,6 @@ def _large_image_question(scene: Scene, rng: np.random.Generator, with_position:
     if fam == "count":
         shape = pick(sorted({o.shape for o in objs})) if rng.random() < 0.7 else pick(SHAPES)
         return fam, f"how many {plural(shape)} are there ?", str(min(5, sum(o.shape == shape for o in objs)))
-    if fam == "position":
-        o = pick(objs)
-        return fam, f"where is the {o.colour} {o.shape} ?", QUARTERS[quarter(o, scene.canvas)]
     present = scene.categories()
     if rng.random() < 0.5:
         cat = pick(sorted(present))
@@ -226,9 +225,9 @@ TASKS: dict[str, Task] = {
     "synth-pope": Task("synth-pope", "f1", _pope_question, test_size=900),
     "synth-caption": Task("synth-caption", "chair_i", _caption_question, test_size=500),
     "synth-format": Task("synth-format", "compliance", _format_question, test_size=600),
-    "synth-hires": Task("synth-hires", "accuracy", lambda s, r, i: _large_image_question(s, r, True),
+    "synth-hires": Task("synth-hires", "accuracy", lambda s, r, i: _large_image_question(s, r),
                         test_size=600, scene_fn=sample_hires_scene),
-    "synth-doc": Task("synth-doc", "accuracy", lambda s, r, i: _large_image_question(s, r, False),
+    "synth-doc": Task("synth-doc", "accuracy", lambda s, r, i: _large_image_question(s, r),
                       test_size=600, scene_fn=sample_doc_scene),
 }
 
