@@ -3,7 +3,10 @@
 Each page: the plugin's docstring (algorithm, parameters, choices), then its measured rows beside the
 baselines at equal budgets, from ``summary.json`` of the command written on the page.
 
-    mmtoken bench --out runs/default && python scripts/plugin_pages.py runs/default/summary.json
+    mmtoken bench --out runs/default && python scripts/plugin_pages.py runs/default/summary.json [more summaries]
+
+With several summaries (e.g. the default run and a tiny-llava-next run on synth-hires / synth-doc), each
+page gets one measured block per run that holds the plugin.
 """
 
 from __future__ import annotations
@@ -36,27 +39,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(summary_path: str, out_dir: str = "docs/plugins") -> None:
-    summary = json.load(open(summary_path))
+def measured(name: str, summary: dict) -> list[str]:
+    """The page lines for one run: how to reproduce it, the plugin's rows and the baselines beside them."""
     rows = summary["rows"]
-    command = summary["env"].get("command", "mmtoken bench")
+    mine = [r for r in rows if name in family(r["method"]).split("+")]
+    if not mine:
+        return []
+    others = [r for r in rows if family(r["method"]) in BASELINES - {name}]
+    env = summary["env"]
+    return [f"Model `{mine[0]['model']}`, {env.get('device_name') or env.get('device')}, torch {env['torch']}, "
+            f"{env['threads']} threads. Reproduce with:", "", "```bash", env.get("command") or "mmtoken bench", "```", "",
+            table(mine), "", "Baselines in the same run:", "", table(others), ""]
+
+
+def main(*summary_paths: str, out_dir: str = "docs/plugins") -> None:
+    summaries = [json.load(open(p)) for p in summary_paths]
     os.makedirs(out_dir, exist_ok=True)
     for name, cls in sorted(plugin_registry().items()):
         if name.startswith("oracle") or name in OWN_PAGES:
             continue
         doc = inspect.getdoc(sys.modules[cls.__module__]) or ""
-        mine = [r for r in rows if name in family(r["method"]).split("+")]
-        others = [r for r in rows if family(r["method"]) in BASELINES - {name}]
         page = [f"# `{name}`", "", doc, "", "## Measured", ""]
-        if mine:
-            page += [f"Model `{rows[0]['model']}`, {summary['env'].get('device_name') or summary['env'].get('device')}, "
-                     f"torch {summary['env']['torch']}, {summary['env']['threads']} threads. Reproduce with:", "",
-                     "```bash", command or "mmtoken bench", "```", "",
-                     table(mine), "", "Baselines in the same run:", "", table(others), "",
-                     "`plugin / oracle` is the plugin's prefill time over its oracle's (the model simply fed the same "
+        blocks = [measured(name, s) for s in summaries]
+        for block in blocks:
+            page += block
+        if any(blocks):
+            page += ["`plugin / oracle` is the plugin's prefill time over its oracle's (the model simply fed the same "
                      "visual tokens): its own overhead. `agreement`: share of answers identical to the uncompressed model's.", ""]
         else:
-            page += ["Not in this run's summary.", ""]
+            page += ["Not in these runs' summaries.", ""]
         with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
             f.write("\n".join(page))
         print(os.path.join(out_dir, f"{name}.md"))
