@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_prefill)
     s = sub.add_parser("bench", help="accuracy, fidelity and speed of methods on tasks (no arguments: the embedded default)")
     s.add_argument("--model", action="append", help="built-in name, local path or HF id (repeatable)")
-    s.add_argument("--task", action="append", help="task name (repeatable): synth-vqa, synth-pope, vqav2, gqa, ...")
+    s.add_argument("--task", action="append", help="task name (repeatable): synth-vqa, synth-pope, synth-caption, synth-format, synth-hires, synth-doc, vqav2, gqa, ...")
     s.add_argument("--method", action="append", help="spec, sweeps allowed: fastv:keep=0.5,0.25 (repeatable); none = uncompressed")
     s.add_argument("--limit", type=int, default=None, help="samples per task (default: all; 300 for the embedded default)")
     s.add_argument("--batch-size", type=int, default=16)

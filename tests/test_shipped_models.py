@@ -19,3 +19,18 @@ def test_tiny_llava_is_shipped_and_answers_from_the_image():
     with mmtoken.apply(lm.model, "pool:stride=2") as h:
         answer_batch(lm, items[:4], 2, "cpu")
         assert h.stats.image_tokens_out == [36] * 4
+
+
+def test_tiny_llava_next_is_shipped_and_reads_the_crops():
+    assert "tiny-llava-next" in mmtoken.builtin_models()
+    lm = mmtoken.load_model("tiny-llava-next")
+    assert lm.model.config.model_type == "llava_next"
+    items = TASKS["synth-hires"].items(64)
+    preds, _, visual = answer_batch(lm, items, 2, "cpu")
+    assert visual == [744] * 64  # a 96-px thumbnail + four 96-px crops (144 tokens each) + 24 newlines
+    acc = sum(p == it.answers[0] for p, it in zip(preds, items)) / len(items)
+    with mmtoken.apply(lm.model, "oracle:tokens=144") as h:  # the thumbnail alone
+        thumb, _, _ = answer_batch(lm, items, 2, "cpu")
+        assert h.stats.image_tokens_out == [144] * 64
+    acc_thumb = sum(p == it.answers[0] for p, it in zip(thumb, items)) / len(items)
+    assert acc >= 0.7 and acc - acc_thumb >= 0.15  # docs/world.md has the measured figures on the full split
