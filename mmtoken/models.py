@@ -50,24 +50,60 @@ class LoadedModel:
         return text if with_image else text.replace("<image>", "").replace("  ", " ")
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype = "float32", attn: str = "sdpa") -> LoadedModel:
-    """A model, its processor and its prompt template. ``name_or_path``: a built-in name
-    (:func:`builtin_models`), a local folder, or a Hugging Face id available in the local cache."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+_CLASSES = {  # model_type -> (module, model class, processor class)
+    "llava": ("llava", "LlavaForConditionalGeneration", "LlavaProcessor"),
+    "llava_next": ("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextProcessor"),
+}
 
-    path = resolve(name_or_path)
+
+def _model_type(path: str, name_or_path: str) -> str:
+    """The checkpoint's ``model_type``, read from a local ``config.json`` (no ``AutoConfig`` import) or,
+    for a Hugging Face id, through ``AutoConfig`` from the local cache."""
+    local = os.path.join(path, "config.json")
+    if os.path.isfile(local):
+        with open(local) as f:
+            return json.load(f).get("model_type", "")
+    if os.path.isdir(path):
+        raise MmtokenError(f"cannot load model {name_or_path!r}: the folder has no config.json")
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
+        return AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as exc:
         raise MmtokenError(f"cannot load model {name_or_path!r}: not a built-in name ({', '.join(builtin_models()) or 'none shipped'}), "
                            f"a local folder, or a cached Hugging Face id ({exc.__class__.__name__})") from None
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    if config.model_type not in classes:
-        raise MmtokenError(f"model type {config.model_type!r} is not supported; supported: {sorted(classes)}")
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: str | torch.dtype = "float32", attn: str = "sdpa") -> LoadedModel:
+    """A model, its processor and its prompt template. ``name_or_path``: a built-in name
+    (:func:`builtin_models`), a local folder, or a Hugging Face id available in the local cache.
+
+    The model and processor classes are imported directly from their ``transformers`` modules (the Auto
+    classes cost about a second of imports); a checkpoint whose processor is another class is loaded with
+    ``AutoProcessor``."""
+    import importlib
+
+    path = resolve(name_or_path)
+    model_type = _model_type(path, name_or_path)
+    if model_type not in _CLASSES:
+        raise MmtokenError(f"model type {model_type!r} is not supported; supported: {sorted(_CLASSES)}")
+    module, model_cls, processor_cls = _CLASSES[model_type]
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = classes[config.model_type].from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, use_safetensors=True)
+    model = getattr(modeling, model_cls).from_pretrained(path, dtype=torch_dtype, attn_implementation=attn, use_safetensors=True)
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    declared = None
+    proc_cfg = os.path.join(path, "processor_config.json")
+    if os.path.isfile(proc_cfg):
+        with open(proc_cfg) as f:
+            declared = json.load(f).get("processor_class")
+    if declared == processor_cls:
+        processing = importlib.import_module(f"transformers.models.{module}.processing_{module}")
+        processor = getattr(processing, processor_cls).from_pretrained(path)
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(path)
     if hasattr(processor, "tokenizer"):
         processor.tokenizer.padding_side = "left"
     card = os.path.join(path, "mmtoken_world.json")

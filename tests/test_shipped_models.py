@@ -34,3 +34,17 @@ def test_tiny_llava_next_is_shipped_and_reads_the_crops():
         assert h.stats.image_tokens_out == [144] * 64
     acc_thumb = sum(p == it.answers[0] for p, it in zip(thumb, items)) / len(items)
     assert acc >= 0.7 and acc - acc_thumb >= 0.15  # docs/world.md has the measured figures on the full split
+
+
+def test_load_model_refuses_unknown_and_unsupported_checkpoints(tmp_path):
+    import json
+
+    import pytest
+
+    from mmtoken.errors import MmtokenError
+
+    with pytest.raises(MmtokenError, match="cannot load model"):
+        mmtoken.load_model(str(tmp_path))  # a folder with no config.json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(MmtokenError, match="model type 'bert' is not supported"):
+        mmtoken.load_model(str(tmp_path))
