@@ -27,7 +27,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,6 +57,8 @@ class RunConfig:
     speed_repeats: int = 5
     command: str = ""
     progress: bool = True
+    # more (model, tasks, methods, limit) grids run after models x tasks x methods, into the same summary
+    extra: list[tuple[str, list[str], list[str], int | None]] = field(default_factory=list)
 
 
 def expand_methods(methods: list[str]) -> list[str]:
@@ -380,36 +382,48 @@ def run(cfg: RunConfig) -> dict:
         if m != "none":
             mmtoken.plugin.build_plugins(m)  # fail fast on a bad spec, before any work
     tasks = [get_bench_task(t, cfg.data) for t in cfg.tasks]
-    summary_rows = []
-    for model_name in cfg.models:
-        lm = load_model(model_name, device=cfg.device, dtype=cfg.dtype)
-        _check_same_model(cfg, model_name, lm.model, dist)
-        for task in tasks:
-            reference: dict[str, dict] | None = None
-            for method in methods:
-                t0 = time.time()
-                rows = run_row(lm, task, method, cfg, dist, reference)
-                if method == "none":
-                    reference = {r["item_id"]: r for r in rows}
-                if dist.rank != 0:
-                    continue
-                row = {
-                    "model": model_name, "task": task.name, "method": method,
-                    "params": _params(method), "n": len(rows), "metrics": summarize(rows, task),
-                    "visual_tokens": sum(r["visual_tokens"] for r in rows) / max(1, len(rows)),
-                    "eval_s": time.time() - t0,
-                }
-                exits = exit_layer_histogram(rows)
-                if exits:
-                    row["exit_layers"] = exits
-                if cfg.speed:
-                    items = task.items(cfg.limit)[: cfg.batch_size]
-                    row.update(speed.measure(lm, items, method, task.max_new_tokens, cfg.device, repeats=cfg.speed_repeats))
-                    _flops_over_all_samples(row, rows, lm.model.config)
-                summary_rows.append(row)
-                _write_summary(cfg, summary_rows)
+    grids = [(m, tasks, methods, cfg.limit) for m in cfg.models]
+    for model_name, task_names, grid_methods, limit in cfg.extra:  # validated before any work too
+        grid_methods = expand_methods(grid_methods)
+        for m in grid_methods:
+            if m != "none":
+                mmtoken.plugin.build_plugins(m)
+        grids.append((model_name, [get_bench_task(t, cfg.data) for t in task_names], grid_methods, limit))
+    summary_rows: list[dict] = []
+    for model_name, grid_tasks, grid_methods, limit in grids:
+        _run_grid(replace(cfg, limit=limit), model_name, grid_tasks, grid_methods, dist, summary_rows)
     dist.barrier()
     return {"rows": summary_rows, "env": environment(cfg)}
+
+
+def _run_grid(cfg: RunConfig, model_name: str, tasks: list[BenchTask], methods: list[str], dist: Dist, summary_rows: list[dict]) -> None:
+    """Every task x method row of one model, appended to ``summary_rows`` (the summary is rewritten after each)."""
+    lm = load_model(model_name, device=cfg.device, dtype=cfg.dtype)
+    _check_same_model(cfg, model_name, lm.model, dist)
+    for task in tasks:
+        reference: dict[str, dict] | None = None
+        for method in methods:
+            t0 = time.time()
+            rows = run_row(lm, task, method, cfg, dist, reference)
+            if method == "none":
+                reference = {r["item_id"]: r for r in rows}
+            if dist.rank != 0:
+                continue
+            row = {
+                "model": model_name, "task": task.name, "method": method,
+                "params": _params(method), "n": len(rows), "metrics": summarize(rows, task),
+                "visual_tokens": sum(r["visual_tokens"] for r in rows) / max(1, len(rows)),
+                "eval_s": time.time() - t0,
+            }
+            exits = exit_layer_histogram(rows)
+            if exits:
+                row["exit_layers"] = exits
+            if cfg.speed:
+                items = task.items(cfg.limit)[: cfg.batch_size]
+                row.update(speed.measure(lm, items, method, task.max_new_tokens, cfg.device, repeats=cfg.speed_repeats))
+                _flops_over_all_samples(row, rows, lm.model.config)
+            summary_rows.append(row)
+            _write_summary(cfg, summary_rows)
 
 
 def _params(method: str) -> dict:

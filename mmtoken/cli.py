@@ -80,6 +80,9 @@ DEFAULT_METHODS = [
     "corrcomp", "corrcomp:keep=0.25", "vmtc:keep=0.25,0.11", "dyvte", "fastv:k=2,keep=0.5+dyvte",
 ]
 DEFAULT_TASKS = ["synth-vqa", "synth-pope"]
+# the AnyRes model's rows of the default run: (model, tasks, methods, limit)
+DEFAULT_NEXT = ("tiny-llava-next", ["synth-hires"],
+                ["none", "random:keep=0.25", "visionzip:keep=0.25", "globalcom2:keep=0.25", "corrcomp"], 96)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -95,6 +98,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         limit=args.limit if args.limit is not None else (None if args.task else 300), batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, data=args.data, seed=args.seed, speed=not args.no_speed,
         speed_repeats=args.repeats, command="mmtoken " + " ".join(sys.argv[1:]),
+        extra=[DEFAULT_NEXT] if not (args.model or args.task or args.method) and DEFAULT_NEXT[0] in builtin_models() else [],
     )
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,6 +36,17 @@ def _cfg(model_dir, out, **kw):
     return runner.RunConfig(**base)
 
 
+def test_extra_grids_run_their_own_tasks_methods_and_limit(model_dir, tmp_path):
+    extra = [(model_dir, ["synth-pope"], ["random:keep=0.5"], 3)]
+    summary = runner.run(_cfg(model_dir, tmp_path, methods=["none"], limit=4, extra=extra))
+    got = [(r["task"], r["method"], r["n"]) for r in summary["rows"]]
+    assert got == [("synth-vqa", "none", 4), ("synth-pope", "none", 3), ("synth-pope", "random:keep=0.5", 3)]
+    assert "agreement" in summary["rows"][-1]["metrics"]  # compared with its own grid's uncompressed rows
+    with pytest.raises(Exception, match="unknown"):
+        runner.run(_cfg(model_dir, tmp_path / "bad", methods=["none"], extra=[(model_dir, ["synth-pope"], ["nosuchplugin"], 3)]))
+    assert not (tmp_path / "bad" / "summary.json").exists()  # refused before any work
+
+
 def test_summary_schema_and_files(model_dir, tmp_path):
     summary = runner.run(_cfg(model_dir, tmp_path, tasks=["synth-vqa", "synth-pope"], speed=True, speed_repeats=1))
     assert [r["method"] for r in summary["rows"]] == ["none", "fastv:keep=0.25"] * 2
