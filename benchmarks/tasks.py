@@ -80,6 +80,10 @@ def _synthetic_items(task_name: str) -> Callable[[int | None], list[Item]]:
     return load
 
 
+def _first_word_accuracy(item: Item, prediction: str) -> dict[str, float]:
+    return {"accuracy": metrics.exact_match(_first_word(prediction), item.answers)}
+
+
 def _synth_vqa_aggregate(rows: list[dict]) -> dict[str, float]:
     out = mean_of("accuracy")(rows)
     families: dict[str, list[float]] = {}
@@ -152,7 +156,7 @@ def _format_aggregate(rows: list[dict]) -> dict[str, float]:
 TASKS: dict[str, BenchTask] = {
     "synth-vqa": BenchTask(
         "synth-vqa", _synthetic_items("synth-vqa"),
-        lambda item, pred: {"accuracy": metrics.exact_match(_first_word(pred), item.answers)},
+        _first_word_accuracy,
         _synth_vqa_aggregate, max_new_tokens=3,
         description="synthetic VQA: colour, shape, count, position, relation, attribute-at-location, size",
     ),
@@ -172,14 +176,14 @@ TASKS: dict[str, BenchTask] = {
     ),
     "synth-hires": BenchTask(
         "synth-hires", _synthetic_items("synth-hires"),
-        lambda item, pred: {"accuracy": metrics.exact_match(_first_word(pred), item.answers)},
+        _first_word_accuracy,
         _synth_vqa_aggregate, max_new_tokens=3,
         description="synthetic high-resolution VQA (192 px, small objects) for AnyRes models: colour, shape, count, "
-                    "existence, quarter",
+                    "existence",
     ),
     "synth-doc": BenchTask(
         "synth-doc", _synthetic_items("synth-doc"),
-        lambda item, pred: {"accuracy": metrics.exact_match(_first_word(pred), item.answers)},
+        _first_word_accuracy,
         _synth_vqa_aggregate, max_new_tokens=3,
         description="synthetic document pages (192 px: margins, text lines, a table of icons): colour, shape, count, "
                     "existence of the icons",

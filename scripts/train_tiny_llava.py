@@ -94,12 +94,13 @@ def encode_samples(tok, samples, n_img):
     return ids, lab, mask
 
 
-def drop_tokens(rng, n_samples: int, n_tok: int, drop: float, min_keep: float) -> list[torch.Tensor]:
-    """Token-drop augmentation: per sample, the visual tokens it keeps (sorted). With probability ``drop``
-    a random subset whose share is uniform in [``min_keep``, 1], else all of them. Kept tokens are really
-    removed from the sequence (positions compacted), as a `visual`-stage compression plugin does."""
+def drop_tokens(rng, counts: list[int], drop: float, min_keep: float) -> list[torch.Tensor]:
+    """Token-drop augmentation: per sample (``counts``: its visual tokens), the visual tokens it keeps
+    (sorted). With probability ``drop`` a random subset whose share is uniform in [``min_keep``, 1], else
+    all of them. Kept tokens are really removed from the sequence (positions compacted), as a
+    `visual`-stage compression plugin does."""
     keeps = []
-    for _ in range(n_samples):
+    for n_tok in counts:
         if drop > 0 and rng.random() < drop:
             k = max(1, int(round(rng.uniform(min_keep, 1.0) * n_tok)))
             keeps.append(torch.from_numpy(np.sort(rng.choice(n_tok, size=k, replace=False))))
@@ -170,7 +171,7 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     (:func:`drop_tokens`)."""
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     n_tok = grid * grid
-    keeps = drop_tokens(rng, len(samples), n_tok, drop, min_keep) if drop > 0 else [torch.arange(n_tok)] * len(samples)
+    keeps = drop_tokens(rng, [n_tok] * len(samples), drop, min_keep)
     ids, labels, mask = encode_samples(tok, samples, [len(k) for k in keeps])
     with torch.no_grad():
         out = model.model.vision_tower(pixels([s.scene for s in samples[::q_per_image]], size), output_hidden_states=True)

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mmtoken.world import get_task, render  # noqa: E402
 from mmtoken.world.build import PROMPT, build_next_processor, tiny_llava_next_config, write_world_card  # noqa: E402
 from mmtoken.world.tasks import Sample  # noqa: E402
-from train_tiny_llava import cosine, referents  # noqa: E402
+from train_tiny_llava import cosine, drop_tokens, encode_samples, referents  # noqa: E402
 
 
 def token_boxes(config, image_size: tuple[int, int], canvas: int) -> torch.Tensor:
@@ -111,28 +111,8 @@ def lm_loss(model, tok, processor, samples, q_per_image, heads, rng, drop, min_k
         boxes_cache[key] = token_boxes(model.config, key, samples[0].scene.canvas)
     targets = referent_targets(samples, boxes_cache[key])
 
-    rows, labels, keeps = [], [], []
-    for i, s in enumerate(samples):
-        n_tok = packed[i // q_per_image].shape[0]
-        if rng.random() < drop:
-            k = max(1, int(round(rng.uniform(min_keep, 1.0) * n_tok)))
-            keep = torch.from_numpy(np.sort(rng.choice(n_tok, size=k, replace=False)))
-        else:
-            keep = torch.arange(n_tok)
-        keeps.append(keep)
-        prompt = PROMPT.format(question=s.question).replace("<image>", " ".join(["<image>"] * len(keep)))
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ans = tok(s.answers[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append(ids + ans)
-        labels.append([-100] * len(ids) + ans)
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(l)] = torch.tensor(l)
-        mask[i, : len(r)] = 1
+    keeps = drop_tokens(rng, [packed[i // q_per_image].shape[0] for i in range(len(samples))], drop, min_keep)
+    ids, lab, mask = encode_samples(tok, samples, [len(k) for k in keeps])
     vis = torch.cat([packed[i // q_per_image][keep] for i, keep in enumerate(keeps)], dim=0)
     emb = inner.get_input_embeddings()(ids)
     is_img = ids == model.config.image_token_id

@@ -83,12 +83,9 @@ class Scene:
         return {o.category for o in self.objects}
 
 
-def sample_scene(seed: int, n_min: int = 1, n_max: int = 5, pair_bias: float = 0.7) -> Scene:
-    """A random scene; the same seed always gives the same scene."""
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(n_min, n_max + 1))
-    cells = list(rng.permutation(9))
-    objects: list[Obj] = []
+def _categories(rng: np.random.Generator, n: int, n_max: int, pair_bias: float) -> list[tuple[str, str]]:
+    """``n`` distinct (colour, shape) categories; a placed category brings its ``PAIRS`` partner with
+    probability ``pair_bias`` (up to ``n_max``)."""
     cats: list[tuple[str, str]] = []
     colours = list(COLOURS)
     while len(cats) < n:
@@ -99,19 +96,34 @@ def sample_scene(seed: int, n_min: int = 1, n_max: int = 5, pair_bias: float = 0
         partner = PARTNER.get(cat)
         if partner and partner not in cats and len(cats) < n_max and rng.random() < pair_bias:
             cats.append(partner)
-    for cat, cell in zip(cats, cells):
-        size = SIZES[int(rng.integers(2))]
-        r = 7.0 if size == "small" else 12.0
-        row, col = divmod(int(cell), 3)
-        jitter = 14.0 - r
-        cx = col * 32 + 16 + float(rng.uniform(-jitter, jitter))
-        cy = row * 32 + 16 + float(rng.uniform(-jitter, jitter))
-        objects.append(Obj(shape=cat[1], colour=cat[0], size=size, cell=int(cell), cx=cx, cy=cy, r=r))
+    return cats
+
+
+def _in_cell(rng: np.random.Generator, cat: tuple[str, str], cell: int, cols: int, size: str) -> Obj:
+    """An object of ``cat`` jittered inside its 32-unit layout cell (``cols`` cells a row)."""
+    r = 7.0 if size == "small" else 12.0
+    row, col = divmod(int(cell), cols)
+    jitter = 14.0 - r
+    cx = col * 32 + 16 + float(rng.uniform(-jitter, jitter))
+    cy = row * 32 + 16 + float(rng.uniform(-jitter, jitter))
+    return Obj(shape=cat[1], colour=cat[0], size=size, cell=int(cell), cx=cx, cy=cy, r=r)
+
+
+def _grey_background(rng: np.random.Generator) -> dict:
+    """A grey background of random shade and tint with its clutter level and seed (``Scene`` fields)."""
     grey = int(rng.integers(95, 165))
     tint = rng.integers(-12, 13, size=3)
     background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
-    return Scene(seed=seed, objects=objects, background=background, clutter=float(rng.uniform(0, 1)),
-                 clutter_seed=int(rng.integers(2**31)))
+    return {"background": background, "clutter": float(rng.uniform(0, 1)), "clutter_seed": int(rng.integers(2**31))}
+
+
+def sample_scene(seed: int, n_min: int = 1, n_max: int = 5, pair_bias: float = 0.7) -> Scene:
+    """A random scene; the same seed always gives the same scene."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(n_min, n_max + 1))
+    cells = list(rng.permutation(9))
+    objects = [_in_cell(rng, cat, cell, 3, SIZES[int(rng.integers(2))]) for cat, cell in zip(_categories(rng, n, n_max, pair_bias), cells)]
+    return Scene(seed=seed, objects=objects, **_grey_background(rng))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, o: Obj, scale: float) -> None:
@@ -188,18 +200,6 @@ def patch_labels(scene: Scene, grid: int) -> dict[str, np.ndarray]:
 # large images for AnyRes models: synth-hires scenes and synth-doc pages
 
 HIRES_CANVAS = 192
-def _categories(rng: np.random.Generator, n: int, n_max: int, pair_bias: float) -> list[tuple[str, str]]:
-    cats: list[tuple[str, str]] = []
-    colours = list(COLOURS)
-    while len(cats) < n:
-        cat = (colours[int(rng.integers(len(colours)))], SHAPES[int(rng.integers(len(SHAPES)))])
-        if cat in cats:
-            continue
-        cats.append(cat)
-        partner = PARTNER.get(cat)
-        if partner and partner not in cats and len(cats) < n_max and rng.random() < pair_bias:
-            cats.append(partner)
-    return cats
 
 
 def sample_hires_scene(seed: int, n_min: int = 2, n_max: int = 8, pair_bias: float = 0.7) -> Scene:
@@ -211,19 +211,8 @@ def sample_hires_scene(seed: int, n_min: int = 2, n_max: int = 8, pair_bias: flo
     rng = np.random.default_rng([seed, 192])
     n = int(rng.integers(n_min, n_max + 1))
     cells = list(rng.permutation(36))
-    objects = []
-    for cat, cell in zip(_categories(rng, n, n_max, pair_bias), cells):
-        r = 7.0
-        row, col = divmod(int(cell), 6)
-        jitter = 14.0 - r
-        cx = col * 32 + 16 + float(rng.uniform(-jitter, jitter))
-        cy = row * 32 + 16 + float(rng.uniform(-jitter, jitter))
-        objects.append(Obj(shape=cat[1], colour=cat[0], size="small", cell=int(cell), cx=cx, cy=cy, r=r))
-    grey = int(rng.integers(95, 165))
-    tint = rng.integers(-12, 13, size=3)
-    background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
-    return Scene(seed=seed, objects=objects, background=background, clutter=float(rng.uniform(0, 1)),
-                 clutter_seed=int(rng.integers(2**31)), canvas=HIRES_CANVAS)
+    objects = [_in_cell(rng, cat, cell, 6, "small") for cat, cell in zip(_categories(rng, n, n_max, pair_bias), cells)]
+    return Scene(seed=seed, objects=objects, canvas=HIRES_CANVAS, **_grey_background(rng))
 
 
 def _text_line(rng: np.random.Generator, x0: float, x1: float, y: float, height: float = 3.0) -> list[list[float]]:

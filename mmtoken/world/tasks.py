@@ -52,6 +52,15 @@ def _unique(objs, key):
     return [o for o in objs if counts[key(o)] == 1]
 
 
+def _attribute_question(fam: str, objs, pick) -> tuple[str, str, str]:
+    """The colour of the object with a unique shape, or the shape of the object with a unique colour."""
+    if fam == "colour":
+        o = pick(_unique(objs, lambda o: o.shape))
+        return fam, f"what colour is the {o.shape} ?", o.colour
+    o = pick(_unique(objs, lambda o: o.colour))
+    return fam, f"what shape is the {o.colour} object ?", o.shape
+
+
 def _vqa_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     objs = scene.objects
     families = ["count_all", "count", "position", "at_cell", "size"]
@@ -63,12 +72,8 @@ def _vqa_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str
         families.append("relation")
     fam = families[int(rng.integers(len(families)))]
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-    if fam == "colour":
-        o = pick(_unique(objs, lambda o: o.shape))
-        return fam, f"what colour is the {o.shape} ?", o.colour
-    if fam == "shape":
-        o = pick(_unique(objs, lambda o: o.colour))
-        return fam, f"what shape is the {o.colour} object ?", o.shape
+    if fam in ("colour", "shape"):
+        return _attribute_question(fam, objs, pick)
     if fam == "count_all":
         return fam, "how many objects are there ?", str(len(objs))
     if fam == "count":
@@ -108,12 +113,8 @@ def _large_image_question(scene: Scene, rng: np.random.Generator) -> tuple[str, 
     if _unique(objs, lambda o: o.colour):
         families.append("shape")
     fam = pick(families)
-    if fam == "colour":
-        o = pick(_unique(objs, lambda o: o.shape))
-        return fam, f"what colour is the {o.shape} ?", o.colour
-    if fam == "shape":
-        o = pick(_unique(objs, lambda o: o.colour))
-        return fam, f"what shape is the {o.colour} object ?", o.shape
+    if fam in ("colour", "shape"):
+        return _attribute_question(fam, objs, pick)
     if fam == "count":
         shape = pick(sorted({o.shape for o in objs})) if rng.random() < 0.7 else pick(SHAPES)
         return fam, f"how many {plural(shape)} are there ?", str(min(5, sum(o.shape == shape for o in objs)))
