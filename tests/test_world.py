@@ -165,6 +165,9 @@ def test_hires_scenes_are_deterministic_small_objects_in_distinct_cells():
             assert o.size == "small" and col * 32 <= x0 and x1 <= col * 32 + 32 and row * 32 <= y0 and y1 <= row * 32 + 32
     img = render(sample_hires_scene(3))
     assert img.size == (192, 192)
+    d = sample_hires_scene(3).to_dict()  # 6 x 6 cells have no 3 x 3 name
+    assert d["canvas"] == 192 and all(o["cell_name"] is None for o in d["objects"])
+    assert sample_scene(3).to_dict()["objects"][0]["cell_name"] in CELLS
 
 
 def test_doc_pages_hold_icons_inside_table_cells_and_are_mostly_blank():

@@ -76,7 +76,8 @@ class Scene:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["objects"] = [asdict(o) | {"cell_name": CELLS[o.cell]} for o in self.objects]
+        three_by_three = self.canvas == CANVAS and self.style == "scene"  # only there does a cell have a name
+        d["objects"] = [asdict(o) | {"cell_name": CELLS[o.cell] if three_by_three else None} for o in self.objects]
         return d
 
     def categories(self) -> set[tuple[str, str]]:
