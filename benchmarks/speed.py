@@ -2,8 +2,11 @@
 
 Timing: ``warmup`` runs, then the median of ``repeats``; on CUDA, CUDA events around the call after a
 synchronisation. Prefill = one forward pass over the prompts (vision tower included) returning the last
-position's logits (time to first token). Decode per token = (time of ``generate`` with ``1 + n`` new tokens
-- time with 1) / ``n``. End-to-end = ``generate`` with the task's new tokens (rows stop at their end-of-sequence
+position's logits (time to first token). Decode per token is timed inside one ``generate`` call with
+``1 + n`` new tokens: a logits processor stamps the clock (after a CUDA synchronisation) when the first
+token's logits arrive, and the call's end closes it, so (end - first stamp) / ``n`` covers exactly the
+``n`` decode steps, against the cache the call's own prefill built (a plugin that decodes samples one after
+another, such as OPERA at batch > 1, has its later samples' prefills inside that span). End-to-end = ``generate`` with the task's new tokens (rows stop at their end-of-sequence
 token); generated tokens/s counts the tokens really generated, each row up to its first end-of-sequence token.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (reset before the method's runs); on the CPU the
@@ -51,6 +54,40 @@ def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
         return time.perf_counter() - t0
 
     return run_cpu
+
+
+class _FirstTokenClock:
+    """A logits processor that records when it is first called (the first token's logits are ready)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.first = time.perf_counter()
+        return scores
+
+
+def decode_time_per_token(generate: Callable[..., Any], device: str, n: int, repeats: int) -> float:
+    """Median over ``repeats`` (after one warm-up) of (end of ``generate`` - first token ready) / ``n``, for
+    ``generate(logits_processor=..., max_new_tokens=1 + n, min_new_tokens=1 + n)``."""
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    times = []
+    for i in range(repeats + 1):
+        clock = _FirstTokenClock(device)
+        generate(logits_processor=LogitsProcessorList([clock]), max_new_tokens=1 + n, min_new_tokens=1 + n)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        end = time.perf_counter()
+        if clock.first is None:
+            raise RuntimeError("generate never called its logits processors: decode time cannot be stamped")
+        if i:
+            times.append((end - clock.first) / n)
+    return statistics.median(times)
 
 
 def median_time(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> float:
@@ -149,11 +186,9 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         with torch.inference_mode():
             model(**inputs, logits_to_keep=1)
 
-    def gen(n: int) -> Callable[[], None]:
-        def fn() -> None:
-            with torch.inference_mode():
-                model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return fn
+    def gen(**kw: Any) -> None:
+        with torch.inference_mode():
+            model.generate(**inputs, do_sample=False, **kw)
 
     generated: list[int] = []
 
@@ -174,8 +209,7 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
             per_layer = [sum(full) / len(full)] * n_layers
         text_tokens = float(inputs["attention_mask"].sum(-1).float().mean()) - sum(full) / len(full)
         prefill_s = median_time(prefill, device, warmup, repeats)
-        t1 = median_time(gen(1), device, 1, max(1, repeats // 2))
-        tn = median_time(gen(1 + decode_tokens), device, 1, max(1, repeats // 2))
+        decode_s = decode_time_per_token(gen, device, decode_tokens, max(1, repeats // 2))
         e2e_s = median_time(e2e, device, 0, max(1, repeats // 2))
         mem = peak_memory(device)
     finally:
@@ -185,7 +219,7 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
     out = {
         "batch_size": b,
         "prefill_s": prefill_s,
-        "decode_s_per_token": max(0.0, (tn - t1) / decode_tokens),
+        "decode_s_per_token": decode_s,
         "e2e_s": e2e_s,
         "samples_per_s": b / e2e_s,
         "tokens_per_s": generated[-1] / e2e_s,

@@ -211,6 +211,7 @@ class OperaPlugin(Plugin):
                 setattr(gc, key, kwargs.pop(key))
         as_dict = bool(kwargs.pop("return_dict_in_generate", False))
         want_logits = bool(kwargs.pop("output_logits", False))
+        user_processors = kwargs.pop("logits_processor", None)
         for key in ("num_beams", "do_sample", "use_cache", "output_scores", "generation_config"):
             kwargs.pop(key, None)
         if attention_mask is None:
@@ -231,7 +232,7 @@ class OperaPlugin(Plugin):
                 if image_sizes is not None:
                     extra["image_sizes"] = image_sizes[first_image : first_image + n_img]
             first_image += n_img
-            new, n_back, first = self._search(model, gc, ids, extra)
+            new, n_back, first = self._search(model, gc, ids, extra, user_processors)
             outs.append(new)
             firsts.append(first)
             if handle is not None:  # the prefill's stats hold this sample's beams: keep its first beam
@@ -258,7 +259,7 @@ class OperaPlugin(Plugin):
     def _forward(self, model: Any, **kw: Any) -> Any:
         return model(**kw, use_cache=True, return_dict=True, logits_to_keep=1)
 
-    def _search(self, model: Any, gc: Any, ids: Tensor, extra: dict[str, Any]) -> tuple[Tensor, int, Tensor]:
+    def _search(self, model: Any, gc: Any, ids: Tensor, extra: dict[str, Any], user_processors: Any = None) -> tuple[Tensor, int, Tensor]:
         """Beam search for one sample ``ids`` ``[1, P]``; returns its new tokens, the number of rollbacks and
         the first step's logits ``[1, V]``."""
         from transformers.generation.logits_process import LogitsProcessorList
@@ -274,7 +275,7 @@ class OperaPlugin(Plugin):
         early_stopping = False if gc.early_stopping is None else gc.early_stopping
         processors = model._get_logits_processor(
             generation_config=gc, input_ids_seq_length=p, encoder_input_ids=ids, prefix_allowed_tokens_fn=None,
-            logits_processor=LogitsProcessorList(), device=dev, model_kwargs={},
+            logits_processor=LogitsProcessorList(user_processors or []), device=dev, model_kwargs={},
         )
         max_back = cfg.max_rollbacks or cfg.n_can
 

@@ -159,3 +159,24 @@ def test_resuming_with_another_model_is_refused(tmp_path):
     save_random_world_model(model, seed=1)  # same name, other weights
     with pytest.raises(mmtoken.MmtokenError, match="holds samples of a different"):
         runner.run(_cfg(model, out))
+
+
+def test_decode_time_is_stamped_inside_one_generate_call():
+    import time
+
+    from mmtoken.benchmarks.speed import decode_time_per_token
+
+    calls = []
+
+    def fake_generate(logits_processor, max_new_tokens, min_new_tokens):
+        calls.append(max_new_tokens)
+        time.sleep(0.2)  # the prefill: must not count
+        for _ in range(max_new_tokens):
+            logits_processor(None, torch.zeros(1, 3))
+            time.sleep(0.01)
+
+    per_token = decode_time_per_token(fake_generate, "cpu", 4, repeats=2)
+    assert calls == [5, 5, 5]  # one warm-up, two timed
+    assert 0.01 <= per_token < 0.05  # (5 steps of 0.01 s after the first stamp) / 4, without the 0.2-s prefill
+    with pytest.raises(RuntimeError, match="logits processors"):
+        decode_time_per_token(lambda **kw: None, "cpu", 4, repeats=1)

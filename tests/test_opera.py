@@ -140,3 +140,17 @@ def test_llava_next_batch_equals_single(llava_next):
             got = _gen(llava_next, one)[0, one["input_ids"].shape[1] :]
             n = ids.shape[1] - batch["input_ids"].shape[1]
             assert torch.equal(got, ids[i, -n:][: got.numel()])
+
+
+def test_user_logits_processors_are_honoured(llava):
+    batch = make_batch(llava, 2, seed=7)
+    with mmtoken.apply(llava, "opera:num_beams=2"), torch.no_grad():
+        free = llava.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        banned = int(free[0, 0])
+
+        def ban(input_ids, scores):
+            scores[:, banned] = -float("inf")
+            return scores
+
+        out = llava.generate(**batch, max_new_tokens=4, do_sample=False, logits_processor=[ban])
+    assert not (out[:, batch["input_ids"].shape[1]:] == banned).any()
