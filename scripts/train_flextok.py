@@ -59,6 +59,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
     ap.add_argument("--registers", type=int, default=32)
     ap.add_argument("--levels", default="8,5,5,5")
+    ap.add_argument("--p-pure-noise", type=float, default=0.0)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=64)
     ap.add_argument("--eval-steps", type=int, default=25, help="Euler steps when decoding for the curve")
@@ -73,7 +74,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     cfg = FlexTokConfig(image_size=args.image_size, patch=args.patch, dim=args.dim, heads=4, enc_layers=args.layers,
-                        dec_layers=args.layers, registers=args.registers, levels=[int(v) for v in args.levels.split(",")])
+                        dec_layers=args.layers, registers=args.registers, levels=[int(v) for v in args.levels.split(",")],
+                        p_pure_noise=args.p_pure_noise)
     tok = FlexTok(cfg)
     opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, weight_decay=0.01)
     held = images(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size)

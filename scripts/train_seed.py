@@ -5,8 +5,9 @@ tiny-llava's vision tower.
     python scripts/train_seed.py --quick --out /tmp/seed          # a few steps: checks the script
 
 Stage 1 (contrastive): the causal Q-Former's last query, projected, against an embedding of the scene's
-caption (a bag of the world's words, trained with it), InfoNCE both ways. Stage 2: ``5 L_VQ + 2 (1 - cos)
-+ 0.5 MSE`` plus the pixel decoder's loss. Writes ``OUT/tokenizer`` and ``OUT/curve.json`` (losses, held-out
+caption (a bag of the world's words, trained with it), InfoNCE both ways. Stage 2, with the Q-Former
+frozen: ``5 L_VQ + 2 (1 - cos) + 0.5 MSE`` plus the pixel decoder's loss; ``--restart-every`` moves
+codes left unused onto encoder outputs. Writes ``OUT/tokenizer`` and ``OUT/curve.json`` (losses, held-out
 codebook usage and PSNR).
 """
 
@@ -46,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--codes", type=int, default=1024)
+    ap.add_argument("--gen-grid", type=int, default=4, help="generation embedding: ViT features pooled to g x g (0: the pooled CLS vector)")
+    ap.add_argument("--restart-every", type=int, default=0,
+                    help="every N stage-2 steps, codes unused in those steps restart on encoder outputs (0: never)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
@@ -62,7 +66,7 @@ def main(argv=None):
     vc = vit.config
     cfg = SeedConfig(image_size=vc.image_size, vision={k: getattr(vc, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")},
-        feature_layer=lm.model.config.vision_feature_layer, codes=args.codes)
+        feature_layer=lm.model.config.vision_feature_layer, codes=args.codes, gen_grid=args.gen_grid)
     tok = Seed(cfg)
     tok.vit.load_state_dict(vit.state_dict())
     del lm
@@ -97,15 +101,26 @@ def main(argv=None):
             print(f"stage1 {step} loss {float(loss.detach()):.3f} {time.time() - t0:.0f}s", flush=True)
 
     # stage 2: VQ + reconstruction
+    # the causal Q-Former learned in stage 1 is frozen: its embeddings are the targets the codes must keep
+    # (trained on, the VQ and reconstruction losses collapse it to one constant embedding, one code)
+    for p in [tok.queries, *tok.qformer.parameters(), *tok.q_norm.parameters()]:
+        p.requires_grad_(False)
+    trainable = [p for p in tok.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr)
+    snapshot = tok.vq.usage.clone()
+    g = torch.Generator().manual_seed(args.seed)
     for step in range(args.stage2_steps):
         x, _ = batch(rng.integers(0, 5_000_000, size=args.batch), size)
         losses = tok.losses(x)
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
-        if step % 50 == 0:
-            rec = {k: float(v.detach()) for k, v in losses.items()} | {"step": step, "s": time.time() - t0}
+        restarted = 0
+        if args.restart_every and (step + 1) % args.restart_every == 0 and step + 1 < args.stage2_steps * 0.8:
+            restarted = tok.vq.restart_dead(snapshot, g)
+            snapshot = tok.vq.usage.clone()
+        if step % 50 == 0 or restarted:
+            rec = {k: float(v.detach()) for k, v in losses.items()} | {"step": step, "s": time.time() - t0, "restarted": restarted}
             curve["stage2"].append(rec)
             print("stage2", {k: round(v, 4) for k, v in rec.items()}, flush=True)
         if (step + 1) % args.eval_every == 0 or step == args.stage2_steps - 1:

@@ -68,6 +68,22 @@ def test_decoding_k_tokens_ignores_registers_beyond_k(tmp_path):
     assert torch.isfinite(tok.loss(torch.rand(4, 3, 16, 16) * 2 - 1))
 
 
+@pytest.mark.parametrize("p_pure", [0.0, 1.0])
+def test_pure_noise_share_sets_the_flow_time_to_one(p_pure, monkeypatch):
+    tok = _tiny()
+    tok.config.p_pure_noise = p_pure
+    seen = []
+    real = tok.velocity
+
+    def spy(x_t, t, codes, keep):
+        seen.append(t.clone())
+        return real(x_t, t, codes, keep)
+
+    monkeypatch.setattr(tok, "velocity", spy)
+    tok.loss(torch.rand(32, 3, 16, 16) * 2 - 1, torch.Generator().manual_seed(0))
+    assert bool((seen[0] == 1).all()) == (p_pure == 1.0)
+
+
 def test_load_refuses_clearly(tmp_path):
     with pytest.raises(MmtokenError, match="no tokenizer"):
         load(str(tmp_path / "missing"))
@@ -148,6 +164,23 @@ def test_seed_encode_decode_save_load_and_training_losses(tmp_path):
     tok.save_pretrained(str(tmp_path / "s"))
     back = load(str(tmp_path / "s"))
     assert torch.equal(back.encode(x), ids) and torch.allclose(back.decode(ids), img)
+
+
+def test_seed_dead_code_restart_moves_only_unused_codes():
+    tok = _tiny_seed().train()
+    before = tok.vq.usage.clone()
+    feats = tok.to_code(tok.qformer_out(tok.vit_features(torch.rand(2, 3, 16, 16))[0]))
+    _, ids, _ = tok.vq(feats)
+    book = tok.vq.embedding.detach().clone()
+    used = torch.unique(ids)
+    moved = tok.vq.restart_dead(before, torch.Generator().manual_seed(0))
+    assert moved == 16 - used.numel() > 0
+    assert torch.equal(tok.vq.embedding[used], book[used])  # codes in use stay where they are
+    dead = torch.tensor([i for i in range(16) if i not in used.tolist()])
+    z = torch.nn.functional.normalize(feats.detach().reshape(-1, 8), dim=-1)
+    nearest = (torch.nn.functional.normalize(tok.vq.embedding[dead].detach(), dim=-1) @ z.t()).max(-1).values
+    assert (nearest > 0.99).all()  # each restarted code sits on an encoder output of the batch
+    assert tok.vq.restart_dead(tok.vq.usage.clone() - 1) == 0  # every code used since the snapshot: none move
 
 
 def test_seed_training_script_quick_mode(tmp_path):

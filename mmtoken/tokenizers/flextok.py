@@ -10,12 +10,18 @@ A faithful miniature in pixel space:
 - **Decoder**: a rectified-flow transformer over ``[noised patches | registers]`` (full attention) with
   adaLN-zero conditioning on the flow time; it predicts the velocity ``v = eps - x0``.
 - **Training**: ``x_t = s eps + (1 - s) x0`` with ``s = sigmoid(n)``, ``n ~ N(0, 1)``; loss
-  ``|v_pred - (eps - x0)|^2``. *Nested dropout*: per image keep the first ``k`` registers, ``k`` drawn from
+  ``|v_pred - (eps - x0)|^2``. Optionally (``p_pure_noise``, ours, default 0) a share of the batch is
+  trained at ``s = 1`` exactly, where the loss is a pure reconstruction from the registers. *Nested dropout*: per image keep the first ``k`` registers, ``k`` drawn from
   ``1, 2, 4, ..., K``, and replace the rest by a learned mask token; with probability ``p_uncond`` keep none
   (for classifier-free guidance).
 - **Decoding** any prefix ``ids[:, :k]``: registers beyond ``k`` are the mask token, then ``steps`` Euler
   steps from ``t = 1`` (noise, seeded, so decoding is deterministic) to ``t = 0``, optionally with
   classifier-free guidance ``v = v_uncond + guidance (v_cond - v_uncond)``.
+
+Initialisation: patch positions are fixed-scale 2-D sine-cosine embeddings (as DiT) and the registers and
+their decoder positions start at unit scale, so that neither the registers nor the positions are drowned by
+the patch content (with 0.02-scale starts the registers of an image came out nearly identical: variance
+across an image's registers 0.007 against 2.7 across images; with unit-scale starts, 1.3 against 1.8).
 
 Departures (for a CPU-sized model): pixel space instead of a VAE latent, a few layers, FSQ levels smaller
 than the official ``[8, 8, 8, 5, 5, 5]`` (configurable).
@@ -46,6 +52,7 @@ class FlexTokConfig:
     registers: int = 32
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     p_uncond: float = 0.1
+    p_pure_noise: float = 0.0
 
 
 class Block(torch.nn.Module):
@@ -88,6 +95,20 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
 
 
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embeddings ``[grid * grid, dim]`` (MAE / DiT), unit scale: half the
+    channels encode the row, half the column."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        ang = coord[:, None] * freqs[None]
+        parts += [ang.sin(), ang.cos()]
+    emb = torch.cat(parts, dim=-1)
+    return torch.nn.functional.pad(emb, (0, dim - emb.shape[1]))
+
+
 def register_mask(n_patches: int, n_registers: int, device: Any = None) -> Tensor:
     """The encoder's causal-last mask ``[N + K, N + K]`` (True = may attend)."""
     n = n_patches + n_registers
@@ -111,16 +132,16 @@ class FlexTok(ImageTokenizer):
         self.fsq = FSQ(c.levels)
         # encoder
         self.enc_in = torch.nn.Linear(pd, d)
-        self.enc_pos = torch.nn.Parameter(torch.randn(1, n, d) * 0.02)
-        self.registers = torch.nn.Parameter(torch.randn(1, c.registers, d) * 0.02)
+        self.enc_pos = torch.nn.Parameter(sincos_2d(self.grid, d)[None])
+        self.registers = torch.nn.Parameter(torch.randn(1, c.registers, d))
         self.enc = torch.nn.ModuleList([Block(d, c.heads) for _ in range(c.enc_layers)])
         self.enc_norm = torch.nn.LayerNorm(d)
         self.to_code = torch.nn.Linear(d, self.fsq.dim)
         # decoder
         self.dec_in = torch.nn.Linear(pd, d)
-        self.dec_pos = torch.nn.Parameter(torch.randn(1, n, d) * 0.02)
+        self.dec_pos = torch.nn.Parameter(sincos_2d(self.grid, d)[None])
         self.from_code = torch.nn.Linear(self.fsq.dim, d)
-        self.reg_pos = torch.nn.Parameter(torch.randn(1, c.registers, d) * 0.02)
+        self.reg_pos = torch.nn.Parameter(torch.randn(1, c.registers, d))
         self.mask_token = torch.nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.time = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.SiLU(), torch.nn.Linear(d, d))
         self.dec = torch.nn.ModuleList([Block(d, c.heads, adaln=True) for _ in range(c.dec_layers)])
@@ -191,6 +212,8 @@ class FlexTok(ImageTokenizer):
         uncond = torch.rand(b, generator=generator).to(dev) < self.config.p_uncond
         keep = torch.where(uncond, torch.zeros_like(keep), keep)
         s = torch.sigmoid(torch.randn(b, generator=generator)).to(dev)
+        pure = torch.rand(b, generator=generator).to(dev) < self.config.p_pure_noise
+        s = torch.where(pure, torch.ones_like(s), s)
         eps = torch.randn(x0.shape, generator=generator).to(dev)
         x_t = s[:, None, None, None] * eps + (1 - s[:, None, None, None]) * x0
         v = self.velocity(x_t, s, codes, keep)

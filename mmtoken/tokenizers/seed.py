@@ -10,11 +10,17 @@ semantics. A faithful miniature:
   (``beta`` 0.25) losses; usage is counted per code.
 - **Decoder**: transformer blocks over the quantised codes reconstruct the causal Q-Former embeddings
   (cosine loss); a learned query reads them into a *generation embedding*, regressed (MSE) onto the image
-  embedding a generator is conditioned on — here the frozen ViT's pooled (CLS) embedding, standing in for
-  unCLIP's CLIP image embedding — and a small pixel decoder turns that embedding into an image (standing
-  in for the diffusion decoder; trained with a pixel MSE on the generation embedding's target).
+  embedding a generator is conditioned on, standing in for unCLIP's CLIP image embedding: with
+  ``gen_grid = 0`` the frozen ViT's pooled (CLS) embedding, one vector as in the paper; with
+  ``gen_grid = g`` (ours, the shipped default) its ``feature_layer`` patch features average-pooled to a
+  ``g x g`` grid, ``g * g`` vectors that keep the layout a tiny pixel decoder cannot invent (a small ViT's
+  CLS vector barely describes a scene: a pixel decoder trained on it reconstructs little more than the
+  background). A small pixel decoder turns the embedding into an image (standing in for the diffusion
+  decoder; trained with a pixel MSE on the generation embedding's target).
 - **Training** (``scripts/train_seed.py``): stage 1, contrastive: the last causal query's embedding against
-  a caption embedding (InfoNCE); stage 2: ``5 L_VQ + 2 (1 - cos) + 0.5 MSE`` (+ the pixel decoder's loss).
+  a caption embedding (InfoNCE); stage 2, the Q-Former frozen (its causal embeddings are the targets):
+  ``5 L_VQ + 2 (1 - cos) + 0.5 MSE`` (+ the pixel decoder's loss), with an optional dead-code restart
+  (ours) that keeps the codebook in use.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class SeedConfig:
     codes: int = 1024
     beta: float = 0.25
     pixel_base: int = 12  # the pixel decoder starts from a pixel_base x pixel_base grid
+    gen_grid: int = 0  # 0: generation embedding = the ViT's pooled vector; g: its patch features pooled to g x g
 
 
 class QFormerLayer(torch.nn.Module):
@@ -87,7 +94,23 @@ class VectorQuantizer(torch.nn.Module):
         loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
         if self.training:
             self.usage += torch.bincount(ids.flatten(), minlength=self.usage.numel())
+        if self.training:
+            self._last_z = z.detach().reshape(-1, z.shape[-1])
         return z + (q - z).detach(), ids, loss
+
+    @torch.no_grad()
+    def restart_dead(self, since: Tensor, generator: torch.Generator | None = None) -> int:
+        """Codes not chosen since the usage snapshot ``since`` move onto randomly drawn encoder outputs of
+        the last training batch (dead-code restart — ours, not in the papers; ``restart_every`` in the
+        training script). Returns how many moved."""
+        dead = torch.nonzero(self.usage == since).flatten()
+        z = getattr(self, "_last_z", None)
+        if dead.numel() == 0 or z is None:
+            return 0
+        pick = torch.randint(z.shape[0], (dead.numel(),), generator=generator).to(z.device)
+        noise = 0.01 * torch.randn(dead.numel(), z.shape[1], generator=generator).to(z.device)
+        self.embedding[dead] = F.normalize(z[pick] + noise, dim=-1)
+        return int(dead.numel())
 
 
 class Seed(ImageTokenizer):
@@ -112,12 +135,14 @@ class Seed(ImageTokenizer):
         self.dec_pos = torch.nn.Parameter(torch.randn(1, c.queries, c.dim) * 0.02)
         self.decoder = torch.nn.ModuleList([QFormerLayer(c.dim, c.heads, c.dim) for _ in range(c.decoder_layers)])
         self.dec_norm = torch.nn.LayerNorm(c.dim)
-        self.gen_query = torch.nn.Parameter(torch.randn(1, 1, c.dim) * 0.02)
+        self.gen_query = torch.nn.Parameter(torch.randn(1, max(1, c.gen_grid) ** 2, c.dim) * 0.02)
         self.gen_attn = torch.nn.MultiheadAttention(c.dim, c.heads, batch_first=True)
         self.gen_out = torch.nn.Linear(c.dim, vd)
         b = c.pixel_base
+        entry = {"fc": torch.nn.Linear(vd, 64 * b * b)} if not c.gen_grid else {
+            "proj": torch.nn.Sequential(torch.nn.Conv2d(vd, 64, 1), torch.nn.Upsample(size=(b, b), mode="bilinear"))}
         self.pixel = torch.nn.ModuleDict({
-            "fc": torch.nn.Linear(vd, 64 * b * b),
+            **entry,
             "up": torch.nn.Sequential(
                 torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.GELU(),
                 torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(64, 32, 3, padding=1), torch.nn.GELU(),
@@ -131,10 +156,17 @@ class Seed(ImageTokenizer):
 
     def vit_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Frozen ViT on ``x`` ``[B, 3, H, W]`` in [0, 1] (CLIP normalisation mean = std = 0.5): patch
-        features of ``feature_layer`` and the pooled (CLS) image embedding."""
+        features of ``feature_layer`` and the image embedding the generation embedding regresses onto
+        (``[B, vd]``, or ``[B, g * g, vd]`` with ``gen_grid = g``)."""
         with torch.no_grad():
             out = self.vit(pixel_values=(x - 0.5) / 0.5, output_hidden_states=True)
-        return out.hidden_states[self.config.feature_layer][:, 1:], out.pooler_output
+        feats = out.hidden_states[self.config.feature_layer][:, 1:]
+        g = self.config.gen_grid
+        if not g:
+            return feats, out.pooler_output
+        side = int(round(feats.shape[1] ** 0.5))
+        grid = F.adaptive_avg_pool2d(feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side), g)
+        return feats, grid.flatten(2).transpose(1, 2)
 
     def qformer_out(self, feats: Tensor) -> Tensor:
         q = self.queries.expand(feats.shape[0], -1, -1)
@@ -156,12 +188,15 @@ class Seed(ImageTokenizer):
         for layer in self.decoder:
             h = layer(h, None, mask)
         h = self.dec_norm(h)
-        g = self.gen_attn(self.gen_query.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0][:, 0]
-        return h, self.gen_out(g)
+        g = self.gen_out(self.gen_attn(self.gen_query.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0])
+        return h, (g if self.config.gen_grid else g[:, 0])
 
     def pixels(self, gen: Tensor) -> Tensor:
-        b = self.config.pixel_base
-        x = self.pixel["fc"](gen).view(gen.shape[0], 64, b, b)
+        b, g = self.config.pixel_base, self.config.gen_grid
+        if g:
+            x = self.pixel["proj"](gen.transpose(1, 2).reshape(gen.shape[0], -1, g, g))
+        else:
+            x = self.pixel["fc"](gen).view(gen.shape[0], 64, b, b)
         return torch.sigmoid(self.pixel["up"](x))
 
     def losses(self, x: Tensor) -> dict[str, Tensor]:
