@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_profile)
 
     s = sub.add_parser("tokbench", help="an image tokenizer's reconstructions vs token count: PSNR, SSIM, VQA accuracy")
-    s.add_argument("--tokenizer", default="tiny-flextok", help="built-in name or saved folder")
+    s.add_argument("--tokenizer", default="tiny-seed", help="built-in name or saved folder")
     s.add_argument("--model", default="tiny-llava", help="VQA model for semantic fidelity ('' to skip)")
     s.add_argument("--limit", type=int, default=200, help="held-out synth-vqa images")
     s.add_argument("--steps", type=int, default=25, help="decoder steps (FlexTok: Euler steps)")

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mmtoken  # noqa: E402
-from mmtoken.benchmarks.speed import oracle_spec  # noqa: E402
+from mmtoken.benchmarks.speed import decode_time_per_token, oracle_spec  # noqa: E402
 from mmtoken.testing import make_batch, make_next_batch, tiny_llava  # noqa: E402
 
 METHODS = [
@@ -65,11 +65,9 @@ def bench_model(model, batch, device, methods, decode_tokens=16, repeats=5):
         with torch.inference_mode():
             model(**batch, logits_to_keep=1)
 
-    def gen(n):
-        def f():
-            with torch.inference_mode():
-                model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return f
+    def gen(**kw):
+        with torch.inference_mode():
+            model.generate(**batch, do_sample=False, **kw)
 
     rows = []
     for method in methods:
@@ -82,7 +80,7 @@ def bench_model(model, batch, device, methods, decode_tokens=16, repeats=5):
             prefill()
             layers = dict(handle.stats.llm_visual_tokens) if handle else {}
             p = timed(prefill, device, repeats=repeats)
-            d = (timed(gen(1 + decode_tokens), device, 1, 3) - timed(gen(1), device, 1, 3)) / decode_tokens
+            d = decode_time_per_token(gen, device, decode_tokens, 3)
         finally:
             if handle:
                 handle.remove()

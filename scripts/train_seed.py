@@ -43,12 +43,13 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="tiny-llava", help="whose vision tower is the frozen ViT")
     ap.add_argument("--stage1-steps", type=int, default=500)
-    ap.add_argument("--stage2-steps", type=int, default=3000)
+    ap.add_argument("--stage2-steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--codes", type=int, default=1024)
-    ap.add_argument("--gen-grid", type=int, default=4, help="generation embedding: ViT features pooled to g x g (0: the pooled CLS vector)")
-    ap.add_argument("--restart-every", type=int, default=0,
+    ap.add_argument("--gen-grid", type=int, default=0, help="generation embedding: 0 = the ViT's pooled CLS vector (the paper's one "
+                    "vector); g = its features pooled to g x g (ours)")
+    ap.add_argument("--restart-every", type=int, default=100,
                     help="every N stage-2 steps, codes unused in those steps restart on encoder outputs (0: never)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=200)

@@ -48,3 +48,16 @@ def test_load_model_refuses_unknown_and_unsupported_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(MmtokenError, match="model type 'bert' is not supported"):
         mmtoken.load_model(str(tmp_path))
+
+
+def test_tiny_seed_is_shipped_and_uses_half_its_codebook_on_held_out_images():
+    import mmtoken.tokenizers as T
+
+    assert T.builtin_tokenizers() == ["tiny-seed"] and "tiny-seed" not in mmtoken.builtin_models()
+    tok = T.load("tiny-seed")
+    items = TASKS["synth-vqa"].items(200)
+    ids = torch.cat([tok.encode([it.image for it in items[i : i + 50]]) for i in range(0, 200, 50)])
+    assert ids.shape == (200, 32) and tok.image_size == 96
+    assert torch.unique(ids).numel() >= 0.5 * tok.config.codes  # the bar on held-out images
+    images = tok.decode(ids[:4])
+    assert images.shape == (4, 3, 96, 96) and 0 <= images.min() and images.max() <= 1

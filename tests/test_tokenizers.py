@@ -200,3 +200,16 @@ def test_builtin_names_are_image_tokenizers_only():
     from mmtoken.tokenizers import builtin_tokenizers
 
     assert "tiny-llava" not in builtin_tokenizers()  # a model folder (with a text tokenizer) is not one
+
+
+def test_half_precision_storage_loads_back_as_float32(tmp_path):
+    import os
+
+    tok = _tiny_seed()
+    tok.save_pretrained(str(tmp_path / "full"))
+    tok.save_pretrained(str(tmp_path / "half"), dtype=torch.float16)
+    assert os.path.getsize(tmp_path / "half" / "model.safetensors") < 0.6 * os.path.getsize(tmp_path / "full" / "model.safetensors")
+    back = load(str(tmp_path / "half"))
+    for (name, a), b in zip(tok.state_dict().items(), back.state_dict().values()):
+        assert b.dtype == a.dtype, name  # float32 again, the usage counts still integers
+        assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-3), name

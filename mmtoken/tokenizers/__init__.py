@@ -1,8 +1,8 @@
 """Image tokenizers: images to short discrete id sequences and back.
 
-    tok = mmtoken.tokenizers.load("tiny-flextok")     # a built-in name or a saved folder
+    tok = mmtoken.tokenizers.load("tiny-seed")        # a built-in name or a saved folder
     ids = tok.encode(images)                           # LongTensor [B, K]
-    recon = tok.decode(ids[:, :8])                     # FlexTok decodes any prefix; [B, 3, H, W] in [0, 1]
+    recon = tok.decode(ids)                            # [B, 3, H, W] in [0, 1]; a FlexTok decodes any prefix ids[:, :k]
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ class ImageTokenizer(torch.nn.Module):
     def decode(self, ids: Tensor, **kwargs: Any) -> Tensor:
         raise NotImplementedError
 
-    def save_pretrained(self, path: str, extra: dict | None = None) -> None:
+    def save_pretrained(self, path: str, extra: dict | None = None, dtype: torch.dtype | None = None) -> None:
+        """Config as JSON, weights as safetensors; ``dtype`` (e.g. ``torch.float16``) stores the floating-point
+        tensors at that precision (loading casts them back to the module's float32)."""
         from dataclasses import asdict
 
         from safetensors.torch import save_file
@@ -68,7 +70,10 @@ class ImageTokenizer(torch.nn.Module):
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump({"kind": self.kind, "config": asdict(self.config)} | (extra or {}), f, indent=1)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, os.path.join(path, WEIGHTS_FILE))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(tensors, os.path.join(path, WEIGHTS_FILE))
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ImageTokenizer":

@@ -1,7 +1,7 @@
 """How good are a tokenizer's reconstructions, per number of tokens: PSNR, SSIM, and semantic fidelity
 (a VQA model's accuracy on the reconstructions against its accuracy on the originals).
 
-    mmtoken tokbench --tokenizer tiny-flextok --model tiny-llava --limit 200 --out runs/tokbench
+    mmtoken tokbench --tokenizer tiny-seed --model tiny-llava --limit 200 --out runs/tokbench
 """
 
 from __future__ import annotations
