@@ -5,8 +5,9 @@ synchronisation. Prefill = one forward pass over the prompts (vision tower inclu
 position's logits (time to first token). Decode per token is timed inside one ``generate`` call with
 ``1 + n`` new tokens: a logits processor stamps the clock (after a CUDA synchronisation) when the first
 token's logits arrive, and the call's end closes it, so (end - first stamp) / ``n`` covers exactly the
-``n`` decode steps, against the cache the call's own prefill built (a plugin that decodes samples one after
-another, such as OPERA at batch > 1, has its later samples' prefills inside that span). End-to-end = ``generate`` with the task's new tokens (rows stop at their end-of-sequence
+``n`` decode steps, against the cache the call's own prefill built (for OPERA the span also holds its
+rollbacks and, at batch > 1, since it decodes the samples one after another, the later samples' prefills).
+End-to-end = ``generate`` with the task's new tokens (rows stop at their end-of-sequence
 token); generated tokens/s counts the tokens really generated, each row up to its first end-of-sequence token.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (reset before the method's runs); on the CPU the
@@ -62,8 +63,10 @@ class _FirstTokenClock:
     def __init__(self, device: str):
         self.device = device
         self.first: float | None = None
+        self.calls = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         if self.first is None:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -76,6 +79,8 @@ def decode_time_per_token(generate: Callable[..., Any], device: str, n: int, rep
     ``generate(logits_processor=..., max_new_tokens=1 + n, min_new_tokens=1 + n)``."""
     from transformers.generation.logits_process import LogitsProcessorList
 
+    if n < 1 or repeats < 1:
+        raise ValueError(f"decode timing needs n >= 1 and repeats >= 1, got n={n}, repeats={repeats}")
     times = []
     for i in range(repeats + 1):
         clock = _FirstTokenClock(device)
@@ -83,8 +88,9 @@ def decode_time_per_token(generate: Callable[..., Any], device: str, n: int, rep
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         end = time.perf_counter()
-        if clock.first is None:
-            raise RuntimeError("generate never called its logits processors: decode time cannot be stamped")
+        if clock.calls < 1 + n:
+            raise RuntimeError(f"generate called its logits processors {clock.calls} times for {1 + n} tokens: "
+                               "decode time cannot be stamped")
         if i:
             times.append((end - clock.first) / n)
     return statistics.median(times)

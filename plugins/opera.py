@@ -305,11 +305,13 @@ class OperaPlugin(Plugin):
         n_back = 0
         cur = p
         forced: Tensor | None = None  # flat indices forbidden at this step (after a rollback)
+        replay: Tensor | None = None  # after a rollback: the snapshot's log-probs, already processed
         while True:
             k = cur - p  # response tokens so far; the cache holds prompt + k of them
             logits = out.logits[:, -1, :].float()
             flat = st["running"][0, :, :cur]
-            log_probs = processors(flat, torch.log_softmax(logits, dim=-1))
+            log_probs = replay if replay is not None else processors(flat, torch.log_softmax(logits, dim=-1))
+            replay = None
             vocab = log_probs.shape[-1]
             fresh = forced is None
             base = log_probs
@@ -346,7 +348,7 @@ class OperaPlugin(Plugin):
                         cur = p + target
                         self._restore_cache(model, cache, st["running"][0, :, :cur], flat)
                         forced = torch.cat(snap.chosen) if snap.chosen else torch.empty(0, dtype=torch.long, device=dev)
-                        out = _Logits(snap.log_probs)
+                        out, replay = _Logits(snap.log_probs), snap.log_probs
                         continue
             acc = (step + st["running_scores"][0][:, None]).reshape(1, -1)
             topk_scores, topk_seq, topk_idx = model._get_top_k_continuations(

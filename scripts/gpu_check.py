@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mmtoken  # noqa: E402
-from mmtoken.benchmarks.speed import decode_time_per_token, oracle_spec  # noqa: E402
+from mmtoken.benchmarks.speed import decode_time_per_token, median_time, oracle_spec  # noqa: E402
 from mmtoken.testing import make_batch, make_next_batch, tiny_llava  # noqa: E402
 
 METHODS = [
@@ -38,21 +37,6 @@ def shapes(tiny: bool) -> dict:
                     text_layers=4, text_heads=4, text_kv_heads=4, vocab=256)
     return dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16, text_hidden=4096,
                 text_layers=32, text_heads=32, text_kv_heads=32, vocab=32064, intermediate=(4096, 11008))
-
-
-def timed(fn, device, warmup=2, repeats=5):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def bench_model(model, batch, device, methods, decode_tokens=16, repeats=5):
@@ -79,7 +63,7 @@ def bench_model(model, batch, device, methods, decode_tokens=16, repeats=5):
         try:
             prefill()
             layers = dict(handle.stats.llm_visual_tokens) if handle else {}
-            p = timed(prefill, device, repeats=repeats)
+            p = median_time(prefill, device, 2, repeats)
             d = decode_time_per_token(gen, device, decode_tokens, 3)
         finally:
             if handle:
@@ -88,7 +72,7 @@ def bench_model(model, batch, device, methods, decode_tokens=16, repeats=5):
         o = None
         if spec:
             with mmtoken.apply(model, spec):
-                o = timed(prefill, device, repeats=repeats)
+                o = median_time(prefill, device, 2, repeats)
         last = layers[max(layers)][0] if layers else full[0]
         rows.append((method, last, p, o, d, spec or ""))
     return rows

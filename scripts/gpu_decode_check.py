@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mmtoken  # noqa: E402
-from gpu_check import shapes, timed  # noqa: E402
-from mmtoken.benchmarks.speed import flop_counts  # noqa: E402
+from gpu_check import shapes  # noqa: E402
+from mmtoken.benchmarks.speed import decode_time_per_token, flop_counts, median_time  # noqa: E402
 from mmtoken.testing import make_batch, tiny_llava  # noqa: E402
 
 
@@ -39,12 +39,10 @@ def main():
     print("\n| decoding (batch 1) | ms per generated token |\n|---|---|")
     for spec in ("beam:num_beams=5", "opera:num_beams=5", "greedy"):
         with mmtoken.apply(model, spec):
-            def gen(k):
-                def f():
-                    with torch.inference_mode():
-                        model.generate(**batch, max_new_tokens=k, min_new_tokens=k, do_sample=False)
-                return f
-            per = (timed(gen(n + 1), device, 1, 3) - timed(gen(1), device, 1, 3)) / n
+            def gen(**kw):
+                with torch.inference_mode():
+                    model.generate(**batch, do_sample=False, **kw)
+            per = decode_time_per_token(gen, device, n, 3)
         print(f"| `{spec}` | {per * 1e3:.1f} |", flush=True)
     layers = model.config.text_config.num_hidden_layers
     full_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
@@ -54,13 +52,13 @@ def main():
         with torch.inference_mode():
             model(**batch, logits_to_keep=1)
 
-    base = timed(prefill, device)
+    base = median_time(prefill, device, 2, 5)
     f_full = flop_counts(model.config, text, [full_tokens] * layers)["prefill_flops"]
     print("\n| prefill (batch 1) | ms | speedup | FLOP reduction predicts |\n|---|---|---|---|")
     print(f"| full | {base * 1e3:.1f} | 1.00x | 1.00x |")
     for layer in (layers // 4, layers // 2):
         with mmtoken.apply(model, f"dyvte:mode=fixed,layer={layer}"):
-            t = timed(prefill, device)
+            t = median_time(prefill, device, 2, 5)
         f = flop_counts(model.config, text, [full_tokens] * layer + [0] * (layers - layer))["prefill_flops"]
         print(f"| `dyvte:mode=fixed,layer={layer}` | {t * 1e3:.1f} | {base / t:.2f}x | {f_full / f:.2f}x |", flush=True)
 

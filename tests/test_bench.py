@@ -168,15 +168,19 @@ def test_decode_time_is_stamped_inside_one_generate_call():
 
     calls = []
 
-    def fake_generate(logits_processor, max_new_tokens, min_new_tokens):
+    def fake_generate(logits_processor, max_new_tokens, min_new_tokens, steps=None):
         calls.append(max_new_tokens)
-        time.sleep(0.2)  # the prefill: must not count
-        for _ in range(max_new_tokens):
+        for i in range(steps or max_new_tokens):  # like generate: a forward, then the processors
+            time.sleep(0.2 if i == 0 else 0.05)  # the prefill, then one decode step
             logits_processor(None, torch.zeros(1, 3))
-            time.sleep(0.01)
 
     per_token = decode_time_per_token(fake_generate, "cpu", 4, repeats=2)
     assert calls == [5, 5, 5]  # one warm-up, two timed
-    assert 0.01 <= per_token < 0.05  # (5 steps of 0.01 s after the first stamp) / 4, without the 0.2-s prefill
-    with pytest.raises(RuntimeError, match="logits processors"):
+    # 4 decode steps of 0.05 s after the stamp, / 4: not / 5 (0.04), not with the prefill (0.1), not 5 steps (0.0625)
+    assert 0.05 <= per_token < 0.06
+    with pytest.raises(RuntimeError, match="logits processors 0 times"):
         decode_time_per_token(lambda **kw: None, "cpu", 4, repeats=1)
+    with pytest.raises(RuntimeError, match="2 times for 5 tokens"):  # stopped early: the span would be short
+        decode_time_per_token(lambda **kw: fake_generate(**kw, steps=2), "cpu", 4, repeats=1)
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        decode_time_per_token(fake_generate, "cpu", 4, repeats=0)

@@ -18,9 +18,9 @@ A faithful miniature in pixel space:
   steps from ``t = 1`` (noise, seeded, so decoding is deterministic) to ``t = 0``, optionally with
   classifier-free guidance ``v = v_uncond + guidance (v_cond - v_uncond)``.
 
-Initialisation: patch positions are fixed-scale 2-D sine-cosine embeddings (as DiT) and the registers and
-their decoder positions start at unit scale, so that neither the registers nor the positions are drowned by
-the patch content (with 0.02-scale starts the registers of an image came out nearly identical: variance
+Initialisation: the (learned) patch positions start as 2-D sine-cosine embeddings (DiT keeps them fixed),
+and the registers and their decoder positions start at unit scale, so that neither the registers nor the
+positions are drowned by the patch content (with 0.02-scale starts the registers of an image came out nearly identical: variance
 across an image's registers 0.007 against 2.7 across images; with unit-scale starts, 1.3 against 1.8).
 
 Departures (for a CPU-sized model): pixel space instead of a VAE latent, a few layers, FSQ levels smaller
@@ -96,7 +96,7 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 
 
 def sincos_2d(grid: int, dim: int) -> Tensor:
-    """Fixed 2-D sine-cosine position embeddings ``[grid * grid, dim]`` (MAE / DiT), unit scale: half the
+    """2-D sine-cosine position embeddings ``[grid * grid, dim]`` (MAE / DiT; RMS about 0.7): half the
     channels encode the row, half the column."""
     quarter = dim // 4
     freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
@@ -212,8 +212,9 @@ class FlexTok(ImageTokenizer):
         uncond = torch.rand(b, generator=generator).to(dev) < self.config.p_uncond
         keep = torch.where(uncond, torch.zeros_like(keep), keep)
         s = torch.sigmoid(torch.randn(b, generator=generator)).to(dev)
-        pure = torch.rand(b, generator=generator).to(dev) < self.config.p_pure_noise
-        s = torch.where(pure, torch.ones_like(s), s)
+        if self.config.p_pure_noise > 0:
+            pure = torch.rand(b, generator=generator).to(dev) < self.config.p_pure_noise
+            s = torch.where(pure, torch.ones_like(s), s)
         eps = torch.randn(x0.shape, generator=generator).to(dev)
         x_t = s[:, None, None, None] * eps + (1 - s[:, None, None, None]) * x0
         v = self.velocity(x_t, s, codes, keep)

@@ -94,7 +94,6 @@ class VectorQuantizer(torch.nn.Module):
         loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
         if self.training:
             self.usage += torch.bincount(ids.flatten(), minlength=self.usage.numel())
-        if self.training:
             self._last_z = z.detach().reshape(-1, z.shape[-1])
         return z + (q - z).detach(), ids, loss
 
