@@ -50,7 +50,7 @@ def main(argv=None):
     ap.add_argument("--gen-grid", type=int, default=0, help="generation embedding: 0 = the ViT's pooled CLS vector (the paper's one "
                     "vector); g = its features pooled to g x g (ours)")
     ap.add_argument("--restart-every", type=int, default=100,
-                    help="every N stage-2 steps, codes unused in those steps restart on encoder outputs (0: never)")
+                    help="every N stage-2 steps, codes unused in those steps restart on encoder outputs, until 80%% of the steps (0: never)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
