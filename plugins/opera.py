@@ -308,10 +308,12 @@ class OperaPlugin(Plugin):
         replay: Tensor | None = None  # after a rollback: the snapshot's log-probs, already processed
         while True:
             k = cur - p  # response tokens so far; the cache holds prompt + k of them
-            logits = out.logits[:, -1, :].float()
             flat = st["running"][0, :, :cur]
-            log_probs = replay if replay is not None else processors(flat, torch.log_softmax(logits, dim=-1))
-            replay = None
+            if replay is None:
+                logits = out.logits[:, -1, :].float()
+                log_probs = processors(flat, torch.log_softmax(logits, dim=-1))
+            else:  # no new forward: logits are only read for fresh steps
+                logits, log_probs, replay = replay, replay, None
             vocab = log_probs.shape[-1]
             fresh = forced is None
             base = log_probs
@@ -348,7 +350,7 @@ class OperaPlugin(Plugin):
                         cur = p + target
                         self._restore_cache(model, cache, st["running"][0, :, :cur], flat)
                         forced = torch.cat(snap.chosen) if snap.chosen else torch.empty(0, dtype=torch.long, device=dev)
-                        out, replay = _Logits(snap.log_probs), snap.log_probs
+                        replay = snap.log_probs
                         continue
             acc = (step + st["running_scores"][0][:, None]).reshape(1, -1)
             topk_scores, topk_seq, topk_idx = model._get_top_k_continuations(
@@ -430,13 +432,6 @@ def _fill_id(gc: Any) -> int:
     """What transformers' beam search pads finished sequences with (``pad_token_id or eos[0]``)."""
     eos = eos_token_ids(gc)
     return (gc.pad_token_id or eos[0]) if eos else -1
-
-
-class _Logits:
-    """Stands in for a forward output after a rollback: the stored step's log-probs as logits."""
-
-    def __init__(self, log_probs: Tensor):
-        self.logits = log_probs[:, None, :]
 
 
 def _window(att: Tensor, rows: Tensor) -> Tensor:
