@@ -11,17 +11,18 @@ A faithful miniature in pixel space:
   adaLN-zero conditioning on the flow time; it predicts the velocity ``v = eps - x0``.
 - **Training**: ``x_t = s eps + (1 - s) x0`` with ``s = sigmoid(n)``, ``n ~ N(0, 1)``; loss
   ``|v_pred - (eps - x0)|^2``. Optionally (``p_pure_noise``, ours, default 0) a share of the batch is
-  trained at ``s = 1`` exactly, where the loss is a pure reconstruction from the registers. *Nested dropout*: per image keep the first ``k`` registers, ``k`` drawn from
-  ``1, 2, 4, ..., K``, and replace the rest by a learned mask token; with probability ``p_uncond`` keep none
-  (for classifier-free guidance).
+  trained at ``s = 1`` exactly, where the loss is a pure reconstruction from the registers. *Nested
+  dropout*: per image keep the first ``k`` registers, ``k`` drawn from ``1, 2, 4, ..., K``, and replace
+  the rest by a learned mask token; with probability ``p_uncond`` keep none (for classifier-free guidance).
 - **Decoding** any prefix ``ids[:, :k]``: registers beyond ``k`` are the mask token, then ``steps`` Euler
   steps from ``t = 1`` (noise, seeded, so decoding is deterministic) to ``t = 0``, optionally with
   classifier-free guidance ``v = v_uncond + guidance (v_cond - v_uncond)``.
 
 Initialisation: the (learned) patch positions start as 2-D sine-cosine embeddings (DiT keeps them fixed),
 and the registers and their decoder positions start at unit scale, so that neither the registers nor the
-positions are drowned by the patch content (with 0.02-scale starts the registers of an image came out nearly identical: variance
-across an image's registers 0.007 against 2.7 across images; with unit-scale starts, 1.3 against 1.8).
+positions are drowned by the patch content (with 0.02-scale starts the registers of an image came out
+nearly identical: variance across an image's registers 0.007 against 2.7 across images; with unit-scale
+starts, 1.3 against 1.8).
 
 Departures (for a CPU-sized model): pixel space instead of a VAE latent, a few layers, FSQ levels smaller
 than the official ``[8, 8, 8, 5, 5, 5]`` (configurable).

@@ -15,8 +15,9 @@ semantics. A faithful miniature:
   ``gen_grid = g`` (ours) its ``feature_layer`` patch features average-pooled to a ``g x g`` grid, ``g * g``
   vectors that keep the layout (a pixel decoder fed the true 4 x 4 grid reaches a pixel MSE of 0.003,
   fed the true CLS vector 0.011 — little more than the background; but from the 32 codes neither target
-  is predicted well enough to matter: see docs/tokenizers.md). A small pixel decoder turns the embedding into an image (standing in for the diffusion
-  decoder; trained with a pixel MSE on the generation embedding's target).
+  is predicted well enough to matter: see docs/tokenizers.md). A small pixel decoder turns the embedding
+  into an image (standing in for the diffusion decoder; trained with a pixel MSE on the generation
+  embedding's target).
 - **Training** (``scripts/train_seed.py``): stage 1, contrastive: the last causal query's embedding against
   a caption embedding (InfoNCE); stage 2, the Q-Former frozen (its causal embeddings are the targets):
   ``5 L_VQ + 2 (1 - cos) + 0.5 MSE`` (+ the pixel decoder's loss), with an optional dead-code restart
