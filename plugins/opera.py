@@ -123,6 +123,14 @@ def common_prefix(a: Tensor, b: Tensor) -> Tensor:
     return eq.cumprod(-1).sum(-1)
 
 
+def restore_plan(restored: Tensor, live: Tensor) -> tuple[Tensor, int]:
+    """How a cache holding the sequences ``live`` ``[R, L]`` comes to hold ``restored`` ``[R, T]`` (``T <= L``):
+    row ``i`` takes the live row ``rows[i]`` sharing the longest prefix with it; the first ``m`` tokens (the
+    shortest such prefix) are then right for every row, and the tokens after them must be fed again."""
+    best, rows = common_prefix(restored, live[:, : restored.shape[1]]).max(-1)
+    return rows, int(best.min())
+
+
 # ---------------------------------------------------------------------------------------------------
 # the plugin
 
@@ -146,6 +154,186 @@ class _Snapshot:
     state: dict[str, Tensor]
     log_probs: Tensor  # the step's processed log-probs [R, V]
     chosen: list[Tensor] = field(default_factory=list)  # flat (beam * V + token) chosen at this step, over visits
+
+
+class _SharedCache:
+    """The KV cache of every beam of every sample of a batch, and the columns each row may attend to.
+
+    Columns: the left-padded prompts (``prompt_mask``), then the ``extra`` columns appended by the forwards
+    after the prefill. A sample's response tokens are the extra columns listed in its ``cols``; any other
+    extra column of its rows is a hole that nothing attends to: the left padding of a forward that fed the
+    rows unequal numbers of tokens, or the tokens a rollback abandoned. Positions are passed explicitly, so
+    a hole shifts nothing."""
+
+    def __init__(self, cache: Any, prompt_mask: Tensor):
+        self.cache = cache
+        self.prompt_mask = prompt_mask.bool()
+        self.extra = torch.zeros(prompt_mask.shape[0], 0, dtype=torch.bool, device=prompt_mask.device)
+
+    @property
+    def rows(self) -> int:
+        return self.prompt_mask.shape[0]
+
+    def crop(self, sample: Any, n: int) -> None:
+        """Keep the first ``n`` response tokens of ``sample`` (its ``rows``, ``cols``); the rest become holes."""
+        dropped = sample.cols[n:]
+        if dropped.numel():
+            self.extra[sample.rows[:, None], dropped[None, :]] = False
+        sample.cols = sample.cols[:n]
+
+    def mask(self, new: Tensor) -> Tensor:
+        """The 2-D attention mask of a forward feeding the columns ``new`` ``[R, W]`` (True: a real token)."""
+        return torch.cat([self.prompt_mask, self.extra, new.bool()], dim=1).long()
+
+
+class _Beams:
+    """One sample's OPERA beam search: transformers' beam-search state for a batch of one, every beam's
+    response attention window, the aggregation-column history, and the snapshots a rollback returns to.
+    ``rows`` are the sample's rows in the ``shared`` cache, one per beam."""
+
+    def __init__(self, model: Any, gc: Any, cfg: OperaConfig, ids: Tensor, new_tokens: int, shared: _SharedCache, rows: Tensor,
+                 processors: Any):
+        dev = ids.device
+        beams = cfg.num_beams
+        self.model, self.cfg, self.shared, self.rows, self.processors = model, cfg, shared, rows, processors
+        self.p = p = ids.shape[1]
+        self.max_length = p + new_tokens
+        eos = eos_token_ids(gc)
+        self.eos = torch.tensor(eos, device=dev, dtype=torch.long)
+        self.length_penalty = 1.0 if gc.length_penalty is None else gc.length_penalty
+        self.early_stopping = False if gc.early_stopping is None else gc.early_stopping
+        self.max_back = cfg.max_rollbacks or cfg.n_can
+        running = torch.full((1, beams, self.max_length), _fill_id(gc), dtype=torch.long, device=dev)
+        running[:, :, :p] = ids
+        self.st = {
+            "running": running, "sequences": running.clone(),
+            "running_scores": torch.cat([torch.zeros(1, 1), torch.full((1, beams - 1), -1e9)], 1).to(dev),
+            "scores": torch.full((1, beams), -1e9, device=dev),
+            "finished": torch.zeros(1, beams, dtype=torch.bool, device=dev),
+            "improvable": torch.ones(1, 1, dtype=torch.bool, device=dev),
+            "running_idx": torch.full((1, beams, new_tokens), -1, dtype=torch.int32, device=dev),
+        }
+        self.st["idx"] = self.st["running_idx"].clone()
+        self.n_keep = max(2, 1 + len(eos)) * beams
+        self.top_mask = torch.cat([torch.ones(beams, dtype=torch.bool), torch.zeros(self.n_keep - beams, dtype=torch.bool)]).to(dev)
+        self.att = torch.zeros(beams, 0, 0, device=dev)  # response rows over response columns, per beam
+        self.loc_history: list[Tensor] = []
+        self.snaps: dict[int, _Snapshot] = {}
+        self.back_count: dict[int, int] = {}
+        self.n_back = 0
+        self.cur = p  # prompt + response tokens; the cache holds all of them
+        self.cols = torch.zeros(0, dtype=torch.long, device=dev)  # the response tokens' extra columns
+        self.logits: Tensor | None = None  # next-token logits [beams, V] from the last forward
+        self.forced: Tensor | None = None  # flat indices forbidden at this step (after a rollback)
+        self.replay: Tensor | None = None  # after a rollback: the snapshot's log-probs, already processed
+        self.done = False
+        self._step: tuple | None = None
+
+    def propose(self, n: int) -> Tensor:
+        """Each beam's ``n`` candidates ``[beams, n]`` for the next token."""
+        flat = self.st["running"][0, :, : self.cur]
+        if self.replay is None:
+            logits = self.logits.float()
+            log_probs = self.processors(flat, torch.log_softmax(logits, dim=-1))
+        else:  # no new forward: logits are only read for fresh steps
+            logits = log_probs = self.replay
+            self.replay = None
+        fresh = self.forced is None
+        base = log_probs
+        if not fresh:  # re-choosing after a rollback: no penalty, earlier choices forbidden
+            base = log_probs.clone().view(-1)
+            base[self.forced] = float("-inf")
+            base = base.view(log_probs.shape)
+            self.forced = None
+        cands = torch.topk(base, min(n, base.shape[-1]), dim=-1).indices
+        self._step = (logits, log_probs, base, fresh, cands, flat)
+        return cands
+
+    def decide(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Choose the step's tokens from the candidates' attention rows ``[beams, n, k + 1]`` over the response
+        columns, or roll back. Returns the beam each cache row must now hold (a local row index per beam) and
+        the tokens ``[beams, w]`` the cache must be fed next (``w = 0``: none)."""
+        cfg, model, st = self.cfg, self.model, self.st
+        logits, log_probs, base, fresh, cands, flat = self._step
+        beams, vocab = log_probs.shape
+        p, k = self.p, self.cur - self.p
+        if not fresh:
+            step = torch.full_like(base, float("-inf")).scatter(1, cands, base.gather(1, cands))
+        else:
+            window = _window(self.att, rows)  # [beams, n, k + 1, k + 1]
+            penalty, cols = column_penalty(window, cfg.sigma, cfg.eps)
+            step = candidate_scores(logits, log_probs, cands, penalty, cfg.alpha, cfg.renormalize)
+            state = {key: v.clone() for key, v in st.items()} | {"att": self.att, "n_hist": torch.tensor(len(self.loc_history))}
+            self.snaps[k] = _Snapshot(state, log_probs)
+            self.loc_history.append(aggregation_column(cols))
+            loc = rollback_column(self.loc_history, cfg.r) if cfg.rollback else None
+            if loc is not None and loc >= cfg.min_rollback_pos:
+                target = loc + 1
+                if self.back_count.get(target, 0) >= self.max_back:
+                    target = loc
+                if self.back_count.get(target, 0) < self.max_back and target in self.snaps and target < k:
+                    return self._roll_back(target, flat)
+        acc = (step + st["running_scores"][0][:, None]).reshape(1, -1)
+        cur = self.cur
+        topk_scores, topk_seq, topk_idx = model._get_top_k_continuations(
+            accumulated_log_probs=acc, running_sequences=st["running"], running_beam_indices=st["running_idx"],
+            cur_len=cur, decoder_prompt_len=p, do_sample=False, beams_to_keep=self.n_keep, num_beams=beams, batch_size=1,
+        )
+        new_tok = topk_seq[0, :, cur]
+        hits = (new_tok[None] == self.eos[:, None]).any(0) if self.eos.numel() else torch.zeros_like(new_tok, dtype=torch.bool)
+        hits = (hits | (cur + 1 >= self.max_length))[None]
+        st["running"], st["running_scores"], st["running_idx"] = model._get_running_beams_for_next_iteration(
+            topk_log_probs=topk_scores, topk_running_sequences=topk_seq, topk_running_beam_indices=topk_idx,
+            next_token_hits_stopping_criteria=hits, num_beams=beams,
+        )
+        st["sequences"], st["scores"], st["idx"], st["finished"] = model._update_finished_beams(
+            sequences=st["sequences"], topk_running_sequences=topk_seq, beam_scores=st["scores"], topk_log_probs=topk_scores,
+            beam_indices=st["idx"], topk_running_beam_indices=topk_idx, is_early_stop_heuristic_unsatisfied=st["improvable"],
+            is_sent_finished=st["finished"], next_token_hits_stopping_criteria=hits, top_num_beam_mask=self.top_mask,
+            num_beams=beams, cur_len=cur, decoder_prompt_len=p, length_penalty=self.length_penalty, early_stopping=self.early_stopping,
+        )
+        parent = st["running_idx"][0, :, k].long()  # beam each new running row continues
+        token = st["running"][0, :, cur]
+        if k in self.snaps:
+            self.snaps[k].chosen.append(parent * vocab + token)
+        which = (cands[parent] == token[:, None]).float().argmax(-1)
+        self.att = _window(self.att[parent], rows[parent, which][:, None])[:, 0]
+        self.cur = cur = cur + 1
+        st["improvable"] = model._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=st["improvable"], running_beam_scores=st["running_scores"],
+            beam_scores=st["scores"], is_sent_finished=st["finished"], cur_len=cur, max_length=self.max_length,
+            decoder_prompt_len=p, early_stopping=self.early_stopping, length_penalty=self.length_penalty,
+        )
+        if not bool(model._beam_search_has_unfinished_sequences(st["improvable"], st["finished"], hits, self.early_stopping)):
+            self.done = True
+            return parent, token[:, None][:, :0]
+        return parent, token[:, None]
+
+    def _roll_back(self, target: int, live: Tensor) -> tuple[Tensor, Tensor]:
+        """Return to the step that chose response token ``target``: restore its state; each restored beam's
+        cache row is gathered from the live row ``live`` ``[beams, cur]`` sharing the longest prefix with it;
+        the response columns past the shortest such prefix become holes and the restored tokens after it are
+        fed again."""
+        self.back_count[target] = self.back_count.get(target, 0) + 1
+        self.n_back += 1
+        snap = self.snaps[target]
+        self.st = {key: v.clone() for key, v in snap.state.items() if key not in ("att", "n_hist")}
+        self.att = snap.state["att"]
+        del self.loc_history[int(snap.state["n_hist"]) :]
+        for j in [j for j in self.snaps if j > target]:
+            del self.snaps[j]
+        self.cur = self.p + target
+        restored = self.st["running"][0, :, : self.cur]
+        rows, m = restore_plan(restored, live)  # m >= p: every beam shares the prompt
+        self.shared.crop(self, m - self.p)
+        self.forced = torch.cat(snap.chosen) if snap.chosen else torch.empty(0, dtype=torch.long, device=live.device)
+        self.replay = snap.log_probs
+        return rows, restored[:, m:]
+
+    def result(self) -> Tensor:
+        """The best finished sequence's new tokens."""
+        n_new = int((self.st["idx"][0, 0] >= 0).sum())
+        return self.st["sequences"][0, 0, self.p : self.p + n_new]
 
 
 @register_plugin
@@ -204,7 +392,11 @@ class OperaPlugin(Plugin):
 
     @torch.no_grad()
     def generate(self, model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """OPERA beam search over every sample of the batch; returns ``[B, P + new]`` ids like ``generate``."""
+        """OPERA beam search over every sample of the batch at once; returns ``[B, P + new]`` ids like
+        ``generate``."""
+        from transformers.generation.logits_process import LogitsProcessorList
+
+        cfg = self.config
         gc = copy.deepcopy(model.generation_config)
         for key in ("max_new_tokens", "min_new_tokens", "max_length", "length_penalty", "early_stopping", "eos_token_id", "pad_token_id"):
             if key in kwargs and kwargs[key] is not None:
@@ -216,40 +408,69 @@ class OperaPlugin(Plugin):
             kwargs.pop(key, None)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        image_id = model.config.image_token_id
-        images_per_row = [_image_runs(row[m.bool()], image_id) for row, m in zip(input_ids, attention_mask)]
-        pixel_values, image_sizes = kwargs.pop("pixel_values", None), kwargs.pop("image_sizes", None)
-        outs, firsts, self.last_rollbacks = [], [], []
+        new_tokens = gc.max_new_tokens if gc.max_new_tokens is not None else gc.max_length - input_ids.shape[1]
+        if new_tokens < 1:
+            raise ValueError(f"opera: nothing to generate (max_length {gc.max_length} <= prompt length {input_ids.shape[1]})")
+        beams, dev = cfg.num_beams, input_ids.device
+        prompts = [row[m.bool()] for row, m in zip(input_ids, attention_mask)]
+        pad = max(_fill_id(gc), 0)
+
+        # every beam of every sample in one left-padded batch
+        width = max(int(q.numel()) for q in prompts)
+        n_rows = len(prompts) * beams
+        ids = torch.full((n_rows, width), pad, dtype=input_ids.dtype, device=dev)
+        mask = torch.zeros(n_rows, width, dtype=torch.long, device=dev)
+        for b, q in enumerate(prompts):
+            ids[b * beams : (b + 1) * beams, width - q.numel() :] = q
+            mask[b * beams : (b + 1) * beams, width - q.numel() :] = 1
+        extra = _expand_images(kwargs, [_image_runs(q, model.config.image_token_id) for q in prompts], beams)
+        out = self._forward(model, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), **extra)
+        shared = _SharedCache(out.cache if getattr(out, "cache", None) is not None else out.past_key_values, mask)
         handle = getattr(model, "_mmtoken_handle", None)
-        merged = {"in": [], "out": [], "layers": {}}
-        first_image = 0
-        for b in range(input_ids.shape[0]):
-            ids = input_ids[b, attention_mask[b].bool()][None]
-            extra = dict(kwargs)
-            n_img = images_per_row[b]
-            if pixel_values is not None and n_img:
-                extra["pixel_values"] = pixel_values[first_image : first_image + n_img]
-                if image_sizes is not None:
-                    extra["image_sizes"] = image_sizes[first_image : first_image + n_img]
-            first_image += n_img
-            new, n_back, first = self._search(model, gc, ids, extra, user_processors)
-            outs.append(new)
-            firsts.append(first)
-            if handle is not None:  # the prefill's stats hold this sample's beams: keep its first beam
-                st = handle.adapter.stats
-                merged["in"] += st.image_tokens_in[:n_img]
-                merged["out"] += st.image_tokens_out[:n_img]
-                for layer, counts in st.llm_visual_tokens.items():
-                    merged["layers"].setdefault(layer, []).append(counts[0])
-            self.last_rollbacks.append(n_back)
+        if handle is not None:  # the prefill's stats hold every beam: keep each sample's first
+            _first_beam_stats(handle.adapter.stats, [_image_runs(q, model.config.image_token_id) for q in prompts], beams)
+        samples = []
+        for b, q in enumerate(prompts):
+            processors = model._get_logits_processor(
+                generation_config=gc, input_ids_seq_length=q.numel(), encoder_input_ids=q[None], prefix_allowed_tokens_fn=None,
+                logits_processor=LogitsProcessorList(user_processors or []), device=dev, model_kwargs={},
+            )
+            s = _Beams(model, gc, cfg, q[None], new_tokens, shared, torch.arange(b * beams, (b + 1) * beams, device=dev), processors)
+            s.logits = out.logits[s.rows, -1]
+            samples.append(s)
+        firsts = [out.logits[b * beams : b * beams + 1, -1].float() for b in range(len(prompts))]
+        n = min(cfg.n_can, out.logits.shape[-1])
+
+        while not all(s.done for s in samples):
+            active = [s for s in samples if not s.done]
+            cands = torch.full((n_rows, n), pad, dtype=torch.long, device=dev)
+            pos = torch.zeros(n_rows, dtype=torch.long, device=dev)
+            for s in active:
+                cands[s.rows] = s.propose(n)
+                pos[s.rows] = s.cur
+            rows = self._candidate_rows(model, shared, cands, pos)  # [R, n, S + n]
+            start = rows.shape[-1] - n - shared.extra.shape[1]  # the first extra column of the last layer's keys
+            perm = torch.arange(n_rows, device=dev)
+            feeds = {}
+            for i, s in enumerate(active):
+                r = rows[s.rows]
+                own = r[..., -n:].diagonal(dim1=-2, dim2=-1)  # [beams, n]
+                local, feeds[i] = s.decide(torch.cat([r[..., start + s.cols], own[..., None]], dim=-1))
+                perm[s.rows] = s.rows[local]
+            shared.cache.reorder_cache(perm)
+            out = self._feed(model, shared, [(s, feeds[i]) for i, s in enumerate(active)], pad)
+            if out is not None:
+                for s in active:
+                    if not s.done and s.replay is None:
+                        s.logits = out.logits[s.rows, -1]
+
+        self.last_rollbacks = [s.n_back for s in samples]
+        outs = [s.result() for s in samples]
         width = max(int(o.numel()) for o in outs)
-        new_ids = torch.full((len(outs), width), _fill_id(gc), dtype=input_ids.dtype, device=input_ids.device)
+        new_ids = torch.full((len(outs), width), _fill_id(gc), dtype=input_ids.dtype, device=dev)
         for b, o in enumerate(outs):
             new_ids[b, : o.numel()] = o
         sequences = torch.cat([input_ids, new_ids], dim=1)
-        if handle is not None:
-            st = handle.adapter.stats
-            st.image_tokens_in, st.image_tokens_out, st.llm_visual_tokens = merged["in"], merged["out"], merged["layers"]
         if not as_dict:
             return sequences
         from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
@@ -259,173 +480,45 @@ class OperaPlugin(Plugin):
     def _forward(self, model: Any, **kw: Any) -> Any:
         return model(**kw, use_cache=True, return_dict=True, logits_to_keep=1)
 
-    def _search(self, model: Any, gc: Any, ids: Tensor, extra: dict[str, Any], user_processors: Any = None) -> tuple[Tensor, int, Tensor]:
-        """Beam search for one sample ``ids`` ``[1, P]``; returns its new tokens, the number of rollbacks and
-        the first step's logits ``[1, V]``."""
-        from transformers.generation.logits_process import LogitsProcessorList
-
-        cfg = self.config
-        beams = cfg.num_beams
-        dev = ids.device
-        p = ids.shape[1]
-        max_length = gc.max_length if gc.max_new_tokens is None else p + gc.max_new_tokens
-        eos = eos_token_ids(gc)
-        eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
-        length_penalty = 1.0 if gc.length_penalty is None else gc.length_penalty
-        early_stopping = False if gc.early_stopping is None else gc.early_stopping
-        processors = model._get_logits_processor(
-            generation_config=gc, input_ids_seq_length=p, encoder_input_ids=ids, prefix_allowed_tokens_fn=None,
-            logits_processor=LogitsProcessorList(user_processors or []), device=dev, model_kwargs={},
-        )
-        max_back = cfg.max_rollbacks or cfg.n_can
-
-        # state, as transformers' beam search keeps it (batch of one sample)
-        running = torch.full((1, beams, max_length), _fill_id(gc), dtype=torch.long, device=dev)
-        running[:, :, :p] = ids
-        st = {
-            "running": running, "sequences": running.clone(),
-            "running_scores": torch.cat([torch.zeros(1, 1), torch.full((1, beams - 1), -1e9)], 1).to(dev),
-            "scores": torch.full((1, beams), -1e9, device=dev),
-            "finished": torch.zeros(1, beams, dtype=torch.bool, device=dev),
-            "improvable": torch.ones(1, 1, dtype=torch.bool, device=dev),
-            "running_idx": torch.full((1, beams, max_length - p), -1, dtype=torch.int32, device=dev),
-        }
-        st["idx"] = st["running_idx"].clone()
-        n_keep = max(2, 1 + len(eos)) * beams
-        top_mask = torch.cat([torch.ones(beams, dtype=torch.bool), torch.zeros(n_keep - beams, dtype=torch.bool)]).to(dev)
-
-        out = self._forward(model, input_ids=ids.expand(beams, -1), attention_mask=torch.ones(beams, p, dtype=torch.long, device=dev),
-                            **_expand(extra, beams))
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # the filled DynamicCache
-        first = out.logits[:1, -1, :].float()
-        att = torch.zeros(beams, 0, 0, device=dev)  # response rows over response columns, per beam
-        loc_history: list[Tensor] = []
-        snaps: dict[int, _Snapshot] = {}
-        back_count: dict[int, int] = {}
-        n_back = 0
-        cur = p
-        forced: Tensor | None = None  # flat indices forbidden at this step (after a rollback)
-        replay: Tensor | None = None  # after a rollback: the snapshot's log-probs, already processed
-        while True:
-            k = cur - p  # response tokens so far; the cache holds prompt + k of them
-            flat = st["running"][0, :, :cur]
-            if replay is None:
-                logits = out.logits[:, -1, :].float()
-                log_probs = processors(flat, torch.log_softmax(logits, dim=-1))
-            else:  # no new forward: logits are only read for fresh steps
-                logits, log_probs, replay = replay, replay, None
-            vocab = log_probs.shape[-1]
-            fresh = forced is None
-            base = log_probs
-            if not fresh:  # re-choosing after a rollback: no penalty, earlier choices forbidden
-                base = log_probs.clone().view(-1)
-                base[forced] = float("-inf")
-                base = base.view(beams, vocab)
-                forced = None
-            n = min(cfg.n_can, vocab)
-            cands = torch.topk(base, n, dim=-1).indices  # [R, N]
-            rows = self._candidate_rows(model, cache, cands, cur, k)  # [R, N, k + 1]
-            if not fresh:
-                step = torch.full_like(base, float("-inf")).scatter(1, cands, base.gather(1, cands))
-            else:
-                window = _window(att, rows)  # [R, N, k + 1, k + 1]
-                penalty, cols = column_penalty(window, cfg.sigma, cfg.eps)
-                step = candidate_scores(logits, log_probs, cands, penalty, cfg.alpha, cfg.renormalize)
-                snaps[k] = _Snapshot({key: v.clone() for key, v in st.items()} | {"att": att, "n_hist": torch.tensor(len(loc_history))}, log_probs)
-                loc_history.append(aggregation_column(cols))
-                loc = rollback_column(loc_history, cfg.r) if cfg.rollback else None
-                if loc is not None and loc >= cfg.min_rollback_pos:
-                    target = loc + 1
-                    if back_count.get(target, 0) >= max_back:
-                        target = loc
-                    if back_count.get(target, 0) < max_back and target in snaps and target < k:
-                        back_count[target] = back_count.get(target, 0) + 1
-                        n_back += 1
-                        snap = snaps[target]
-                        st = {key: v.clone() for key, v in snap.state.items() if key not in ("att", "n_hist")}
-                        att = snap.state["att"]
-                        del loc_history[int(snap.state["n_hist"]) :]
-                        for j in [j for j in snaps if j > target]:
-                            del snaps[j]
-                        cur = p + target
-                        self._restore_cache(model, cache, st["running"][0, :, :cur], flat)
-                        forced = torch.cat(snap.chosen) if snap.chosen else torch.empty(0, dtype=torch.long, device=dev)
-                        replay = snap.log_probs
-                        continue
-            acc = (step + st["running_scores"][0][:, None]).reshape(1, -1)
-            topk_scores, topk_seq, topk_idx = model._get_top_k_continuations(
-                accumulated_log_probs=acc, running_sequences=st["running"], running_beam_indices=st["running_idx"],
-                cur_len=cur, decoder_prompt_len=p, do_sample=False, beams_to_keep=n_keep, num_beams=beams, batch_size=1,
-            )
-            new_tok = topk_seq[0, :, cur]
-            hits = (new_tok[None] == eos_t[:, None]).any(0) if eos else torch.zeros_like(new_tok, dtype=torch.bool)
-            hits = (hits | (cur + 1 >= max_length))[None]
-            st["running"], st["running_scores"], st["running_idx"] = model._get_running_beams_for_next_iteration(
-                topk_log_probs=topk_scores, topk_running_sequences=topk_seq, topk_running_beam_indices=topk_idx,
-                next_token_hits_stopping_criteria=hits, num_beams=beams,
-            )
-            st["sequences"], st["scores"], st["idx"], st["finished"] = model._update_finished_beams(
-                sequences=st["sequences"], topk_running_sequences=topk_seq, beam_scores=st["scores"], topk_log_probs=topk_scores,
-                beam_indices=st["idx"], topk_running_beam_indices=topk_idx, is_early_stop_heuristic_unsatisfied=st["improvable"],
-                is_sent_finished=st["finished"], next_token_hits_stopping_criteria=hits, top_num_beam_mask=top_mask,
-                num_beams=beams, cur_len=cur, decoder_prompt_len=p, length_penalty=length_penalty, early_stopping=early_stopping,
-            )
-            parent = st["running_idx"][0, :, k].long()  # beam each new running row continues
-            token = st["running"][0, :, cur]
-            if k in snaps:
-                snaps[k].chosen.append(parent * vocab + token)
-            which = (cands[parent] == token[:, None]).float().argmax(-1)
-            new_rows = rows[parent, which]  # [R, k + 1]
-            att = _window(att[parent], new_rows[:, None])[:, 0]
-            cache.reorder_cache(parent)
-            cur += 1
-            st["improvable"] = model._check_early_stop_heuristic(
-                is_early_stop_heuristic_unsatisfied=st["improvable"], running_beam_scores=st["running_scores"],
-                beam_scores=st["scores"], is_sent_finished=st["finished"], cur_len=cur, max_length=max_length,
-                decoder_prompt_len=p, early_stopping=early_stopping, length_penalty=length_penalty,
-            )
-            if not bool(model._beam_search_has_unfinished_sequences(st["improvable"], st["finished"], hits, early_stopping)):
-                break
-            out = self._forward(model, input_ids=st["running"][0, :, cur - 1 : cur], attention_mask=torch.ones(beams, cur, dtype=torch.long, device=dev),
-                                cache=cache)
-        best = st["sequences"][0, 0]
-        n_new = int((st["idx"][0, 0] >= 0).sum())
-        return best[p : p + n_new], n_back, first
-
-    def _candidate_rows(self, model: Any, cache: Any, cands: Tensor, cur: int, k: int) -> Tensor:
-        """Last-layer attention rows ``[R, N, k + 1]`` of each beam's candidates over the response columns
-        (the ``k`` generated tokens, then the candidate itself); the cache is left as it was."""
+    def _candidate_rows(self, model: Any, shared: _SharedCache, cands: Tensor, pos: Tensor) -> Tensor:
+        """Feed every row's candidates ``[R, n]`` at once (each at the row's next position ``pos`` ``[R]``,
+        seeing the row's cache and itself only) and return their last-layer attention rows ``[R, n, S + n]``
+        over the ``S`` cached keys and the candidates; the cache is left as it was."""
         r, n = cands.shape
         self._n_candidates, self._rows = n, None
         try:
-            self._forward(model, input_ids=cands, attention_mask=torch.ones(r, cur + n, dtype=torch.long, device=cands.device),
-                          position_ids=torch.full((r, n), cur, dtype=torch.long, device=cands.device), cache=cache)
+            self._forward(model, input_ids=cands, attention_mask=shared.mask(torch.ones(r, n, dtype=torch.bool, device=cands.device)),
+                          position_ids=pos[:, None].expand(r, n), cache=shared.cache)
         finally:
             self._n_candidates = 0
-            trim_cache(cache, n)
-        rows = self._rows
-        if rows is None:
+            trim_cache(shared.cache, n)
+        if self._rows is None:
             raise RuntimeError("opera: the last decoder layer's attention rows were not captured")
-        s = rows.shape[-1] - n  # cached keys at the last layer
-        own = rows[..., s:].diagonal(dim1=-2, dim2=-1)  # [R, N]
-        return torch.cat([rows[..., s - k : s], own[..., None]], dim=-1)
+        return self._rows
 
-    def _restore_cache(self, model: Any, cache: Any, target: Tensor, live: Tensor) -> None:
-        """Make ``cache`` hold the sequences ``target`` ``[R, T]`` from the live cache of ``live`` ``[R, L]``:
-        gather the live row sharing the longest prefix with each target row, crop all rows to the shortest
-        such prefix, and feed the target tokens after it."""
-        want = target.shape[1]  # tokens the cache must hold
-        have = live.shape[1]
-        width = min(want, have)
-        shared = common_prefix(target[:, :width], live[:, :width])  # [R, R]
-        best, rows = shared.max(-1)
-        m = int(best.min())
-        select_rows(cache, rows)
-        trim_cache(cache, have - m)
-        if m < want:
-            r = target.shape[0]
-            self._forward(model, input_ids=target[:, m:want], attention_mask=torch.ones(r, want, dtype=torch.long, device=target.device),
-                          cache=cache)
+    def _feed(self, model: Any, shared: _SharedCache, feeds: list[tuple[_Beams, Tensor]], pad: int) -> Any | None:
+        """One forward appending each sample's tokens ``[beams, w]`` to its rows (after ``W - w`` holes, ``W`` the
+        widest feed; rows fed nothing get ``W`` holes). Returns the output, whose logits are each row's last
+        column's, or None when nothing is fed."""
+        w_max = max((int(t.shape[1]) for _, t in feeds), default=0)
+        if w_max == 0:
+            return None
+        dev = shared.prompt_mask.device
+        ids = torch.full((shared.rows, w_max), pad, dtype=torch.long, device=dev)
+        new = torch.zeros(shared.rows, w_max, dtype=torch.bool, device=dev)
+        pos = torch.zeros(shared.rows, w_max, dtype=torch.long, device=dev)
+        first = shared.extra.shape[1]
+        for s, tokens in feeds:
+            w = int(tokens.shape[1])
+            if w == 0:
+                continue
+            ids[s.rows, w_max - w :] = tokens
+            new[s.rows, w_max - w :] = True
+            pos[s.rows, w_max - w :] = s.p + s.cols.numel() + torch.arange(w, device=dev)
+            s.cols = torch.cat([s.cols, first + w_max - w + torch.arange(w, device=dev)])
+        out = self._forward(model, input_ids=ids, attention_mask=shared.mask(new), position_ids=pos, cache=shared.cache)
+        shared.extra = torch.cat([shared.extra, new], dim=1)
+        return out
 
 
 def _fill_id(gc: Any) -> int:
@@ -449,11 +542,30 @@ def _image_runs(row: Tensor, image_id: int) -> int:
     return int(((m[1:] - m[:-1]) == 1).sum()) + int(m[0]) if m.numel() else 0
 
 
-def _expand(extra: dict[str, Any], beams: int) -> dict[str, Any]:
-    out = {}
-    for key, v in extra.items():
-        if torch.is_tensor(v) and key in ("pixel_values", "image_sizes"):
-            out[key] = v.repeat_interleave(beams, dim=0)
-        else:
-            out[key] = v
+def _expand_images(kwargs: dict[str, Any], images: list[int], beams: int) -> dict[str, Any]:
+    """The forward's keyword arguments with the per-image tensors (``pixel_values``, ``image_sizes``)
+    repeated for every beam: sample ``b``'s ``images[b]`` images, once per beam row, samples in order."""
+    out = dict(kwargs)
+    for key in ("pixel_values", "image_sizes"):
+        v = kwargs.get(key)
+        if not torch.is_tensor(v):
+            continue
+        parts, first = [], 0
+        for n in images:
+            parts += [v[first : first + n]] * beams
+            first += n
+        if first != v.shape[0]:
+            raise ValueError(f"opera: the prompts hold {first} images but {key} has {v.shape[0]}")
+        out[key] = torch.cat(parts) if parts else v[:0]
     return out
+
+
+def _first_beam_stats(stats: Any, images: list[int], beams: int) -> None:
+    """Reduce the prefill's statistics, taken over every beam row, to one row (the first beam) per sample."""
+    keep, first = [], 0
+    for n in images:
+        keep += range(first, first + n)
+        first += n * beams
+    stats.image_tokens_in = [stats.image_tokens_in[i] for i in keep]
+    stats.image_tokens_out = [stats.image_tokens_out[i] for i in keep]
+    stats.llm_visual_tokens = {layer: counts[::beams] for layer, counts in stats.llm_visual_tokens.items()}

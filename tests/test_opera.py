@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,23 +55,63 @@ def test_common_prefix_lengths():
 def _cache_of(model, seqs):
     cache = DynamicCache(config=model.config.text_config)
     with torch.no_grad():
-        model.model.language_model(input_ids=seqs, cache=cache, use_cache=True)
-    return cache
+        out = model.model.language_model(input_ids=seqs, cache=cache, use_cache=True)
+    return cache, out.last_hidden_state
 
 
-def test_cache_after_rollback_equals_a_cache_built_from_scratch(llava):
+def test_shared_cache_after_a_rollback_equals_a_cache_built_from_scratch(llava):
+    """Two samples share one cache (prompts of different lengths, left-padded; a multi-token feed of one
+    leaves holes in the other). Sample 0 rolls back: its rows must then hold, at the columns they attend
+    to, exactly the keys and values of its restored sequences computed from scratch, and the next token
+    must get the same hidden state."""
+    from mmtoken.plugins.opera import _SharedCache, restore_plan
+
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(5, 100, (1, 6), generator=g)
-    live_resp = torch.tensor([[11, 12, 13, 14, 15], [11, 12, 20, 21, 22], [30, 31, 32, 33, 34]])
-    live = torch.cat([prompt.expand(3, -1), live_resp], dim=1)
-    # restored beams: two continue live rows (one shares only 2 response tokens), one is a live row's prefix
-    target = torch.cat([prompt.expand(3, -1), torch.tensor([[11, 12, 13], [30, 31, 32], [11, 12, 40]])], dim=1)
-    cache = _cache_of(llava, live)
-    OperaPlugin(OperaPlugin.Config())._restore_cache(llava, cache, target, live)
-    fresh = _cache_of(llava, target)
-    for got, want in zip(cache.layers, fresh.layers):
-        assert got.keys.shape == want.keys.shape
-        assert torch.allclose(got.keys, want.keys, atol=1e-5) and torch.allclose(got.values, want.values, atol=1e-5)
+    prompts = [torch.randint(5, 100, (6,), generator=g), torch.randint(5, 100, (4,), generator=g)]
+    beams, width = 3, 6
+    ids = torch.zeros(2 * beams, width, dtype=torch.long)
+    mask = torch.zeros(2 * beams, width, dtype=torch.long)
+    for b, q in enumerate(prompts):
+        ids[b * beams : (b + 1) * beams, width - q.numel() :] = q
+        mask[b * beams : (b + 1) * beams, width - q.numel() :] = 1
+    plugin = OperaPlugin(OperaPlugin.Config())
+    with torch.no_grad():
+        out = plugin._forward(llava, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+        shared = _SharedCache(out.past_key_values, mask)
+        samples = [SimpleNamespace(rows=torch.arange(b * beams, (b + 1) * beams), p=q.numel(), cols=torch.zeros(0, dtype=torch.long))
+                   for b, q in enumerate(prompts)]
+        live = torch.tensor([[11, 12, 13, 14, 15], [11, 12, 20, 21, 22], [30, 31, 32, 33, 34]])
+        for t in range(live.shape[1]):  # sample 0 one token a step; sample 1 three tokens at step 1
+            feeds = [(samples[0], live[:, t : t + 1])]
+            if t == 1:
+                feeds.append((samples[1], torch.randint(5, 100, (beams, 3), generator=g)))
+            plugin._feed(llava, shared, feeds, pad=0)
+        # restored beams: two continue live rows (one shares only 2 response tokens), one is a live row's prefix
+        restored = torch.tensor([[11, 12, 13], [30, 31, 32], [11, 12, 40]])
+        p = samples[0].p
+        full_live = torch.cat([prompts[0].expand(beams, -1), live], dim=1)
+        full_restored = torch.cat([prompts[0].expand(beams, -1), restored], dim=1)
+        rows, m = restore_plan(full_restored, full_live)
+        assert rows.tolist() == [0, 2, 0] and m == p + 2
+        perm = torch.arange(2 * beams)
+        perm[:beams] = rows
+        shared.cache.reorder_cache(perm)
+        shared.crop(samples[0], m - p)
+        plugin._feed(llava, shared, [(samples[0], full_restored[:, m:])], pad=0)
+        nxt = torch.tensor([[7], [8], [9]])
+        got = plugin._feed(llava, shared, [(samples[0], nxt)], pad=0)
+    fresh, hidden = _cache_of(llava, torch.cat([full_restored, nxt], dim=1))
+    n_prompt = width
+    attend = torch.cat([shared.prompt_mask[:beams], shared.extra[:beams]], dim=1)  # sample 0's rows share it
+    assert bool((attend[0] == attend[1]).all()) and int(attend[0].sum()) == full_restored.shape[1] + 1
+    cols = attend[0].nonzero().flatten()
+    assert cols[p:].tolist() == (n_prompt + samples[0].cols).tolist()
+    for got_layer, want in zip(shared.cache.layers, fresh.layers):
+        assert torch.allclose(got_layer.keys[:beams, :, cols], want.keys, atol=1e-5)
+        assert torch.allclose(got_layer.values[:beams, :, cols], want.values, atol=1e-5)
+    with torch.no_grad():
+        want_logits = llava.lm_head(hidden[:, -1])
+    assert torch.allclose(got.logits[:beams, -1], want_logits, atol=1e-4)
 
 
 def _gen(model, batch, **kw):
