@@ -6,7 +6,7 @@ position's logits (time to first token). Decode per token is timed inside one ``
 ``1 + n`` new tokens: a logits processor stamps the clock (after a CUDA synchronisation) when the first
 token's logits arrive, and the call's end closes it, so (end - first stamp) / ``n`` covers exactly the
 ``n`` decode steps, against the cache the call's own prefill built (for OPERA the span also holds its
-rollbacks and, at batch > 1, since it decodes the samples one after another, the later samples' prefills).
+rollbacks).
 End-to-end = ``generate`` with the task's new tokens (rows stop at their end-of-sequence
 token); generated tokens/s counts the tokens really generated, each row up to its first end-of-sequence token.
 

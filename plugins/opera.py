@@ -22,22 +22,29 @@ more than ``r`` times and ``loc >= min_rollback_pos``, decoding returns to the s
 token ``loc + 1`` and re-chooses it with every (beam, token) pair chosen there before forbidden, among each beam's
 top ``n_can`` remaining tokens by the model's log-probability (no penalty at that step, as in the official
 code); a position is returned to at most ``n_can`` times (then ``loc``, as in the official
-code). The KV cache is not recomputed from the prompt: the rows of the restored beams are gathered from the
-live cache, cropped to the longest prefix they share with a live beam, and only the missing response tokens
-are fed again (tested equal to a cache built from scratch).
+code). The KV cache is not recomputed from the prompt: each restored beam's row is gathered from the live
+row sharing the longest prefix with it, the response columns after the shortest such prefix become holes
+(masked out for good), and only the missing response tokens are fed again (tested: the columns attended to
+then equal a cache built from scratch, and so does the next token's output).
 
-Speed. The candidates' attention rows come from one extra forward per step in which the ``n_can``
-candidates of every beam are fed together against the shared KV cache, each seeing the cache and itself
-only (an additive mask block; they share one position id); the cache is cropped back afterwards. The last
-layer's rows are side-computed from its query/key projections, so every layer keeps SDPA. The official
-code runs ``n_can`` full forwards per step and recomputes the whole prefix on every rollback.
+Speed. Every beam of every sample of the batch lives in one KV cache and advances together; each sample
+keeps its own beams, history and rollbacks, and a sample that rolls back leaves holes in its rows instead
+of making the others wait or shrink (positions are passed explicitly, so holes shift nothing). The images
+are encoded once per sample and their features repeated for the beams, as in transformers' beam search.
+One forward per step feeds the ``n_can`` candidates of every beam against the cache, each seeing the
+cache and itself only (an additive mask block; they share one position id), which is exactly the step
+forward each candidate would get if chosen: it gives the candidates' attention rows *and* the next
+logits, and the cache keeps only the chosen candidate's column, so a step costs one forward of ``n_can``
+tokens per beam and no second forward for the chosen token. The last layer's rows are side-computed from
+its query/key projections, so every layer keeps SDPA. The official code runs ``n_can`` full forwards
+per step, batch size 1, and recomputes the whole prefix on every rollback.
 
 Departures and choices, all parameters: ``eps`` (1e-7, the official constant), ``min_rollback_pos`` (10,
 the official code never rolls back into the first 10 response tokens), ``max_rollbacks`` (per position,
 default ``n_can``), ``rollback`` (on/off). The official code also rewards image attention during the first
-10 response tokens instead of penalising; that step is not in the paper and not implemented here. Samples
-of a batch are decoded one after another (each with its own beams, rollbacks and KV cache), so a batch
-gives exactly the answers of its samples alone; ``num_beams=1`` is greedy decoding with the penalty.
+10 response tokens instead of penalising; that step is not in the paper and not implemented here. A batch
+gives the answers of its samples decoded alone (tested, rollbacks included); ``num_beams=1`` is greedy
+decoding with the penalty.
 """
 
 from __future__ import annotations
@@ -105,18 +112,6 @@ def rollback_column(history: list[Tensor], r: int) -> int | None:
 # KV-cache surgery
 
 
-def trim_cache(cache: Any, n: int) -> None:
-    """Remove the last ``n`` positions from every layer (layers may hold different lengths)."""
-    if n > 0:
-        for layer in cache.layers:
-            layer.crop(-n)
-
-
-def select_rows(cache: Any, rows: Tensor) -> None:
-    for layer in cache.layers:
-        layer.batch_select_indices(rows.to(layer.keys.device))
-
-
 def common_prefix(a: Tensor, b: Tensor) -> Tensor:
     """``[Ra, Rb]`` length of the common prefix of every row of ``a`` with every row of ``b`` (same width)."""
     eq = (a[:, None, :] == b[None, :, :]).long()
@@ -129,6 +124,20 @@ def restore_plan(restored: Tensor, live: Tensor) -> tuple[Tensor, int]:
     shortest such prefix) are then right for every row, and the tokens after them must be fed again."""
     best, rows = common_prefix(restored, live[:, : restored.shape[1]]).max(-1)
     return rows, int(best.min())
+
+
+def keep_candidate(cache: Any, perm: Tensor, pick: Tensor, n: int) -> None:
+    """After a candidate forward (``n`` candidate columns at the end of every layer): row ``i`` becomes row
+    ``perm[i]`` followed by that row's candidate ``pick[i]`` only, so the step needs no forward of its own."""
+    rows = torch.arange(perm.shape[0], device=perm.device)
+    for layer in cache.layers:
+        s = layer.keys.shape[-2] - n
+        for name in ("keys", "values"):
+            t = getattr(layer, name)[perm.to(layer.keys.device)]
+            chosen = t[rows, :, s + pick]  # [R, H, d]
+            t = t[:, :, : s + 1]
+            t[:, :, s] = chosen
+            setattr(layer, name, t)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,10 +258,11 @@ class _Beams:
         self._step = (logits, log_probs, base, fresh, cands, flat)
         return cands
 
-    def decide(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def decide(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Choose the step's tokens from the candidates' attention rows ``[beams, n, k + 1]`` over the response
-        columns, or roll back. Returns the beam each cache row must now hold (a local row index per beam) and
-        the tokens ``[beams, w]`` the cache must be fed next (``w = 0``: none)."""
+        columns, or roll back. Returns the beam each cache row must now hold (a local row index per beam), the
+        candidate each row keeps (its index among the parent row's candidates; None: none, after a rollback or
+        at the end) and the tokens ``[beams, w]`` the cache must be fed again after a rollback."""
         cfg, model, st = self.cfg, self.model, self.st
         logits, log_probs, base, fresh, cands, flat = self._step
         beams, vocab = log_probs.shape
@@ -304,12 +314,10 @@ class _Beams:
             beam_scores=st["scores"], is_sent_finished=st["finished"], cur_len=cur, max_length=self.max_length,
             decoder_prompt_len=p, early_stopping=self.early_stopping, length_penalty=self.length_penalty,
         )
-        if not bool(model._beam_search_has_unfinished_sequences(st["improvable"], st["finished"], hits, self.early_stopping)):
-            self.done = True
-            return parent, token[:, None][:, :0]
-        return parent, token[:, None]
+        self.done = not bool(model._beam_search_has_unfinished_sequences(st["improvable"], st["finished"], hits, self.early_stopping))
+        return parent, None if self.done else which, token[:, None][:, :0]
 
-    def _roll_back(self, target: int, live: Tensor) -> tuple[Tensor, Tensor]:
+    def _roll_back(self, target: int, live: Tensor) -> tuple[Tensor, None, Tensor]:
         """Return to the step that chose response token ``target``: restore its state; each restored beam's
         cache row is gathered from the live row ``live`` ``[beams, cur]`` sharing the longest prefix with it;
         the response columns past the shortest such prefix become holes and the restored tokens after it are
@@ -328,7 +336,7 @@ class _Beams:
         self.shared.crop(self, m - self.p)
         self.forced = torch.cat(snap.chosen) if snap.chosen else torch.empty(0, dtype=torch.long, device=live.device)
         self.replay = snap.log_probs
-        return rows, restored[:, m:]
+        return rows, None, restored[:, m:]
 
     def result(self) -> Tensor:
         """The best finished sequence's new tokens."""
@@ -415,16 +423,18 @@ class OperaPlugin(Plugin):
         prompts = [row[m.bool()] for row, m in zip(input_ids, attention_mask)]
         pad = max(_fill_id(gc), 0)
 
-        # every beam of every sample in one left-padded batch
+        # every beam of every sample in one left-padded batch; images are encoded once per sample, as
+        # transformers' beam search does, and their features repeated for the beams
         width = max(int(q.numel()) for q in prompts)
-        n_rows = len(prompts) * beams
-        ids = torch.full((n_rows, width), pad, dtype=input_ids.dtype, device=dev)
-        mask = torch.zeros(n_rows, width, dtype=torch.long, device=dev)
+        ids = torch.full((len(prompts), width), pad, dtype=input_ids.dtype, device=dev)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=dev)
         for b, q in enumerate(prompts):
-            ids[b * beams : (b + 1) * beams, width - q.numel() :] = q
-            mask[b * beams : (b + 1) * beams, width - q.numel() :] = 1
-        extra = _expand_images(kwargs, [_image_runs(q, model.config.image_token_id) for q in prompts], beams)
-        out = self._forward(model, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), **extra)
+            ids[b, width - q.numel() :], mask[b, width - q.numel() :] = q, 1
+        model_kwargs = model._maybe_prepare_encoder_kwargs_for_generation(ids, dict(kwargs, attention_mask=mask), "input_ids", gc)
+        ids, model_kwargs = model._expand_inputs_for_generation(expand_size=beams, input_ids=ids, **model_kwargs)
+        mask = model_kwargs.pop("attention_mask")
+        n_rows = ids.shape[0]
+        out = self._forward(model, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), **model_kwargs)
         shared = _SharedCache(out.cache if getattr(out, "cache", None) is not None else out.past_key_values, mask)
         handle = getattr(model, "_mmtoken_handle", None)
         if handle is not None:  # the prefill's stats hold every beam: keep each sample's first
@@ -448,21 +458,25 @@ class OperaPlugin(Plugin):
             for s in active:
                 cands[s.rows] = s.propose(n)
                 pos[s.rows] = s.cur
-            rows = self._candidate_rows(model, shared, cands, pos)  # [R, n, S + n]
+            out, rows = self._candidates(model, shared, cands, pos)  # rows: [R, n, S + n]
             start = rows.shape[-1] - n - shared.extra.shape[1]  # the first extra column of the last layer's keys
             perm = torch.arange(n_rows, device=dev)
-            feeds = {}
-            for i, s in enumerate(active):
+            pick = torch.zeros(n_rows, dtype=torch.long, device=dev)
+            kept = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+            feeds = []
+            for s in active:
                 r = rows[s.rows]
                 own = r[..., -n:].diagonal(dim1=-2, dim2=-1)  # [beams, n]
-                local, feeds[i] = s.decide(torch.cat([r[..., start + s.cols], own[..., None]], dim=-1))
+                local, which, again = s.decide(torch.cat([r[..., start + s.cols], own[..., None]], dim=-1))
                 perm[s.rows] = s.rows[local]
-            shared.cache.reorder_cache(perm)
-            out = self._feed(model, shared, [(s, feeds[i]) for i, s in enumerate(active)], pad)
-            if out is not None:
-                for s in active:
-                    if not s.done and s.replay is None:
-                        s.logits = out.logits[s.rows, -1]
+                if which is not None:  # the chosen candidate's forward was the step's forward
+                    pick[s.rows], kept[s.rows] = which, True
+                    s.logits = out.logits[s.rows[local], which]
+                    s.cols = torch.cat([s.cols, torch.tensor([shared.extra.shape[1]], device=dev)])
+                feeds.append((s, again))
+            keep_candidate(shared.cache, perm, pick, n)
+            shared.extra = torch.cat([shared.extra, kept[:, None]], dim=1)
+            self._feed(model, shared, feeds, pad)  # after rollbacks; their next logits are the snapshot's
 
         self.last_rollbacks = [s.n_back for s in samples]
         outs = [s.result() for s in samples]
@@ -480,21 +494,22 @@ class OperaPlugin(Plugin):
     def _forward(self, model: Any, **kw: Any) -> Any:
         return model(**kw, use_cache=True, return_dict=True, logits_to_keep=1)
 
-    def _candidate_rows(self, model: Any, shared: _SharedCache, cands: Tensor, pos: Tensor) -> Tensor:
-        """Feed every row's candidates ``[R, n]`` at once (each at the row's next position ``pos`` ``[R]``,
-        seeing the row's cache and itself only) and return their last-layer attention rows ``[R, n, S + n]``
-        over the ``S`` cached keys and the candidates; the cache is left as it was."""
+    def _candidates(self, model: Any, shared: _SharedCache, cands: Tensor, pos: Tensor) -> tuple[Any, Tensor]:
+        """Feed every row's candidates ``[R, n]`` at once, each at the row's next position ``pos`` ``[R]`` and
+        seeing the row's cache and itself only: exactly the step forward each would get if chosen. Returns the
+        output (logits ``[R, n, V]``) and the candidates' last-layer attention rows ``[R, n, S + n]`` over the
+        ``S`` cached keys and the candidates; the cache keeps the candidates' keys and values (see
+        ``keep_candidate``)."""
         r, n = cands.shape
         self._n_candidates, self._rows = n, None
         try:
-            self._forward(model, input_ids=cands, attention_mask=shared.mask(torch.ones(r, n, dtype=torch.bool, device=cands.device)),
-                          position_ids=pos[:, None].expand(r, n), cache=shared.cache)
+            out = model(input_ids=cands, attention_mask=shared.mask(torch.ones(r, n, dtype=torch.bool, device=cands.device)),
+                        position_ids=pos[:, None].expand(r, n), cache=shared.cache, use_cache=True, return_dict=True, logits_to_keep=n)
         finally:
             self._n_candidates = 0
-            trim_cache(shared.cache, n)
         if self._rows is None:
             raise RuntimeError("opera: the last decoder layer's attention rows were not captured")
-        return self._rows
+        return out, self._rows
 
     def _feed(self, model: Any, shared: _SharedCache, feeds: list[tuple[_Beams, Tensor]], pad: int) -> Any | None:
         """One forward appending each sample's tokens ``[beams, w]`` to its rows (after ``W - w`` holes, ``W`` the
@@ -540,24 +555,6 @@ def _window(att: Tensor, rows: Tensor) -> Tensor:
 def _image_runs(row: Tensor, image_id: int) -> int:
     m = (row == image_id).long()
     return int(((m[1:] - m[:-1]) == 1).sum()) + int(m[0]) if m.numel() else 0
-
-
-def _expand_images(kwargs: dict[str, Any], images: list[int], beams: int) -> dict[str, Any]:
-    """The forward's keyword arguments with the per-image tensors (``pixel_values``, ``image_sizes``)
-    repeated for every beam: sample ``b``'s ``images[b]`` images, once per beam row, samples in order."""
-    out = dict(kwargs)
-    for key in ("pixel_values", "image_sizes"):
-        v = kwargs.get(key)
-        if not torch.is_tensor(v):
-            continue
-        parts, first = [], 0
-        for n in images:
-            parts += [v[first : first + n]] * beams
-            first += n
-        if first != v.shape[0]:
-            raise ValueError(f"opera: the prompts hold {first} images but {key} has {v.shape[0]}")
-        out[key] = torch.cat(parts) if parts else v[:0]
-    return out
 
 
 def _first_beam_stats(stats: Any, images: list[int], beams: int) -> None:
