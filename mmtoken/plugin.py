@@ -137,6 +137,10 @@ class Plugin:
         raise NotImplementedError
 
     # -- attention ------------------------------------------------------------------------------
+    #: whether this plugin's bias decides which keys a query may see at all (OPERA's candidate block): such
+    #: biases are added first, and the other attention plugins of the layer get them in ``ctx["mask"]``
+    shapes_attention: bool = False
+
     def attention_layers(self, n_layers: int) -> list[int]:
         return []
 

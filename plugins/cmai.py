@@ -11,11 +11,15 @@ inhibited by an additive ``-strength`` on the attention logits — in prefill an
 No public code exists and the paper gives no hyperparameters; ours, all exposed: ``strength`` (lambda,
 default 1.0 logit), ``ratio`` (default 0.5), layers ``start`` (default 1) to the last. With
 ``strength = 0`` the model is untouched. Layers whose KV cache an `llm`-stage plugin shortened are left
-uninhibited during decoding. Pair it with ``vmtc`` for the paper's method: ``"vmtc:keep=0.25+cmai"``.
+uninhibited during decoding. The remembered rows (every cached token's attention over the image) are
+stored inside the KV cache as an extra layer, so they follow beam search's row reorders and OPERA's
+candidate choice and rollbacks (tested: beam search with and without the cache agree). Pair it with
+``vmtc`` for the paper's method: ``"vmtc:keep=0.25+cmai"``.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from mmtoken.attention import llm_attention_rows, llm_rows_against_cache
+from mmtoken.cache_state import PositionState, attach_state
 from mmtoken.config import PluginConfig, param
 from mmtoken.plugin import Plugin, register_plugin
 
@@ -52,9 +57,13 @@ class CMAIPlugin(Plugin):
 
     def __init__(self, config: CMAIConfig):
         super().__init__(config)
-        self._rows: dict[int, Tensor] = {}  # layer -> [B, S, L0]: A[u, v] for text u (rows), image v
+        # layer -> (weak reference to the cache, its state layer [B, S, L0]: A[u, v] for every cached position u, image v); the state
+        # lives in the KV cache, so beam reorders, rollbacks and OPERA's candidate choice apply to it too
+        self._rows: dict[int, tuple[Any, PositionState]] = {}
+        self._n_layers = 0
 
     def attention_layers(self, n_layers: int) -> list[int]:
+        self._n_layers = n_layers
         return list(range(min(self.config.start, n_layers), n_layers))
 
     def attention_bias(self, layer: int, q_len: int, kv_len: int, ctx: dict[str, Any]) -> Tensor | None:
@@ -78,17 +87,22 @@ class CMAIPlugin(Plugin):
         a = torch.nan_to_num(a, nan=0.0)  # padding rows attend nowhere
         text = valid & ~image
         uv = a * image[:, None, :] * text[:, :, None]  # A[u, v] for text u, image v
-        self._rows[layer] = uv
+        cache = kw.get("cache")
+        slot = attach_state(cache, self._n_layers, uv)
+        if slot is not None:
+            self._rows[layer] = (weakref.ref(cache), slot)
         focus = torch.matmul(a * text[:, None, :], uv)
         hit = inhibition(focus, image, text, self.config.ratio)
         return (hit.float() * -self.config.strength)[:, None]
 
     def _decode(self, layer, module, normed, kw, ctx, kv_len) -> Tensor | None:
         image0 = ctx.get("prefill_image_mask")
-        stored = self._rows.get(layer)
         cache = kw.get("cache")
-        if image0 is None or stored is None or cache is None or not bool(image0.any()):
+        entry = self._rows.get(layer)
+        if image0 is None or entry is None or entry[0]() is not cache or not bool(image0.any()):
             return None
+        slot = entry[1]
+        stored = slot.get()
         keys = cache.layers[layer].keys
         a = llm_rows_against_cache(module.self_attn, normed, kw["position_embeddings"], keys, ctx["mask"]).mean(1)
         a = torch.nan_to_num(a, nan=0.0)
@@ -96,7 +110,7 @@ class CMAIPlugin(Plugin):
         l0 = image0.shape[1]
         new_rows = a[:, :, :l0] * image0[:, None, :]  # the new tokens are text: their rows join the sum
         rows = torch.cat([stored, new_rows], dim=1)
-        self._rows[layer] = rows
+        slot.set(rows)
         focus = torch.matmul(a, rows[:, :total])
         hit = inhibition(focus, image0, torch.ones(b, q, dtype=torch.bool, device=a.device), self.config.ratio)
         bias = torch.zeros(b, 1, q, kv_len, device=a.device)

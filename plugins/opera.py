@@ -350,6 +350,7 @@ class OperaPlugin(Plugin):
     stages = ("decode", "attention")
     Config = OperaConfig
     compresses = False
+    shapes_attention = True  # the candidate block: other attention plugins must see it
 
     def __init__(self, config: OperaConfig):
         super().__init__(config)

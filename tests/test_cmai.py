@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import mmtoken
@@ -42,3 +43,15 @@ def test_inhibition_changes_outputs_batch_equals_single_and_cache_equals_no_cach
             assert torch.allclose(llava(**one).logits[0, -1], logits[i], atol=1e-4)
             assert torch.equal(_gen(llava, one)[0, -8:], ids[i, -8:])
         assert torch.equal(_gen(llava, batch, use_cache=False), ids)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_beam_search_keeps_each_beam_own_history(llava, seed):
+    """CMAI remembers every cached token's attention over the image; beam search reorders the cache rows
+    every step, and the remembered rows must follow (they live in the cache): with and without the cache
+    give the same beams."""
+    batch = make_batch(llava, 2, seed=seed)
+    with mmtoken.apply(llava, "cmai:strength=20,ratio=0.7"), torch.no_grad():
+        a = llava.generate(**batch, max_new_tokens=8, num_beams=3, do_sample=False)
+        b = llava.generate(**batch, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)

@@ -160,6 +160,23 @@ def test_penalty_and_rollbacks_run_batched_like_single_and_compose(llava):
         assert _gen(llava, batch).shape[0] == 3
 
 
+@pytest.mark.parametrize("seed", [7, 8])
+def test_composes_with_cmai(llava, seed):
+    """CMAI's per-token history follows OPERA's candidate choice, and CMAI sees the candidate block mask:
+    OPERA without penalty or rollback, composed with CMAI, is beam search with CMAI (which differs from
+    plain beam search)."""
+    batch = make_batch(llava, 2, seed=seed)
+    cmai = "cmai:strength=20,ratio=0.7"
+    with mmtoken.apply(llava, cmai):
+        ref = _gen(llava, batch, num_beams=3)
+    for spec in (f"{cmai}+opera:num_beams=3,alpha=0,rollback=False,renormalize=False,n_can=6",
+                 f"opera:num_beams=3,alpha=0,rollback=False,renormalize=False,n_can=6+{cmai}"):
+        with mmtoken.apply(llava, spec):
+            assert torch.equal(_gen(llava, batch), ref), spec
+    with mmtoken.apply(llava, "beam:num_beams=3"):
+        assert not torch.equal(_gen(llava, batch), ref)
+
+
 def test_return_dict_gives_first_step_logits(llava):
     batch = make_batch(llava, 2, seed=6)
     with torch.no_grad():

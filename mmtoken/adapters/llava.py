@@ -662,7 +662,7 @@ class LlavaAdapter:
                         raise CompositionError(f"{p.name}: layer {d.rows_from}'s attention rows are already asked for with other queries")
                     self._row_requests[d.rows_from] = d.queries
         self._bias_layers: dict[int, list[Plugin]] = {}
-        for p in self._attn:
+        for p in sorted(self._attn, key=lambda p: not p.shapes_attention):  # stable: spec order otherwise
             for layer in p.attention_layers(n):
                 self._bias_layers.setdefault(layer, []).append(p)
         for i, layer in enumerate(self.layers):
@@ -816,17 +816,20 @@ class LlavaAdapter:
         else:
             lp = run.plan.layers.get(i)
             ctx["prefill_image_mask"] = run.plan.image_mask if lp is None or lp.idx is None else None
-        biases = [bias for p in self._bias_layers[i] if (bias := p.attention_bias(i, q, kv, ctx)) is not None]
-        if not biases:
-            return mask
-        if mask is None:
-            allowed = torch.ones(b, 1, q, kv, dtype=torch.bool, device=hidden.device).tril(diagonal=kv - q)
-            mask = additive_mask(allowed, hidden.dtype)
-        elif mask.dtype == torch.bool:
-            mask = additive_mask(mask, hidden.dtype)
-        for bias in biases:
-            mask = mask + bias.to(mask.dtype)
-        return mask
+        out = mask
+        for p in self._bias_layers[i]:  # plugins that shape the attention come first (see __init__)
+            bias = p.attention_bias(i, q, kv, ctx)
+            if bias is None:
+                continue
+            if out is None:
+                allowed = torch.ones(b, 1, q, kv, dtype=torch.bool, device=hidden.device).tril(diagonal=kv - q)
+                out = additive_mask(allowed, hidden.dtype)
+            elif out.dtype == torch.bool:
+                out = additive_mask(out, hidden.dtype)
+            out = out + bias.to(out.dtype)
+            if p.shapes_attention:  # later plugins see which keys each query may attend to
+                ctx["mask"] = out
+        return out
 
     def _rows_pre(self, i: int, queries: str, module: Any, args: tuple, kwargs: dict) -> None:
         run = self._run
