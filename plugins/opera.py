@@ -128,16 +128,20 @@ def restore_plan(restored: Tensor, live: Tensor) -> tuple[Tensor, int]:
 
 def keep_candidate(cache: Any, perm: Tensor, pick: Tensor, n: int) -> None:
     """After a candidate forward (``n`` candidate columns at the end of every layer): row ``i`` becomes row
-    ``perm[i]`` followed by that row's candidate ``pick[i]`` only, so the step needs no forward of its own."""
+    ``perm[i]`` followed by that row's candidate ``pick[i]`` only, so the step needs no forward of its own.
+    In place: only the rows whose parent is another row are copied."""
     rows = torch.arange(perm.shape[0], device=perm.device)
+    moved = (perm != rows).nonzero().flatten()
     for layer in cache.layers:
         s = layer.keys.shape[-2] - n
         for name in ("keys", "values"):
-            t = getattr(layer, name)[perm.to(layer.keys.device)]
-            chosen = t[rows, :, s + pick]  # [R, H, d]
-            t = t[:, :, : s + 1]
+            t = getattr(layer, name)
+            dev = t.device
+            chosen = t[perm.to(dev), :, s + pick.to(dev)]  # [R, H, d], read before any row is overwritten
+            if moved.numel():
+                t[moved.to(dev), :, :s] = t[perm[moved].to(dev), :, :s]
             t[:, :, s] = chosen
-            setattr(layer, name, t)
+            setattr(layer, name, t[:, :, : s + 1])
 
 
 # ---------------------------------------------------------------------------------------------------
