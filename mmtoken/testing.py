@@ -162,13 +162,16 @@ def make_next_batch(model: torch.nn.Module, sizes: list[tuple[int, int]], seed: 
 
 
 def select_rows(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    """Sample ``i`` of a batch made by :func:`make_batch` / :func:`make_next_batch`, unpadded (one image each)."""
+    """Sample ``i`` of a batch made by :func:`make_batch` / :func:`make_next_batch`, unpadded, with its own
+    image (samples hold one image or none; the images are those of the samples that have one, in order)."""
     keep = batch["attention_mask"][i].bool()
     out = {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep]}
-    if "pixel_values" in batch:
-        out["pixel_values"] = batch["pixel_values"][i : i + 1]
-    if "image_sizes" in batch:
-        out["image_sizes"] = batch["image_sizes"][i : i + 1]
+    has_image = (batch["input_ids"] == IMAGE_TOKEN_ID).any(-1).tolist()
+    if has_image[i]:
+        first = sum(has_image[:i])
+        for key in ("pixel_values", "image_sizes"):
+            if key in batch:
+                out[key] = batch[key][first : first + 1]
     return out
 
 

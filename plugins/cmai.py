@@ -10,8 +10,8 @@ inhibited by an additive ``-strength`` on the attention logits — in prefill an
 
 No public code exists and the paper gives no hyperparameters; ours, all exposed: ``strength`` (lambda,
 default 1.0 logit), ``ratio`` (default 0.5), layers ``start`` (default 1) to the last. With
-``strength = 0`` the model is untouched. Layers whose KV cache an `llm`-stage plugin shortened are left
-uninhibited during decoding. The remembered rows (every cached token's attention over the image) are
+``strength = 0`` the model is untouched. After an `llm`-stage plugin (FastV, DyVTE) shortened a layer's
+sequence, that layer inhibits over the image tokens it kept, in prefill and decoding alike. The remembered rows (every cached token's attention over the image) are
 stored inside the KV cache as an extra layer, so they follow beam search's row reorders and OPERA's
 candidate choice and rollbacks (tested: beam search with and without the cache agree). Pair it with
 ``vmtc`` for the paper's method: ``"vmtc:keep=0.25+cmai"``.

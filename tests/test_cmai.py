@@ -45,13 +45,16 @@ def test_inhibition_changes_outputs_batch_equals_single_and_cache_equals_no_cach
         assert torch.equal(_gen(llava, batch, use_cache=False), ids)
 
 
-@pytest.mark.parametrize("seed", [7, 8])
-def test_beam_search_keeps_each_beam_own_history(llava, seed):
-    """CMAI remembers every cached token's attention over the image; beam search reorders the cache rows
-    every step, and the remembered rows must follow (they live in the cache): with and without the cache
-    give the same beams."""
+@pytest.mark.parametrize("spec,seed,beams", [
+    ("cmai:strength=20,ratio=0.7", 7, 3), ("cmai:strength=20,ratio=0.7", 8, 3),
+    ("fastv:k=1,keep=0.5+cmai:strength=20,ratio=0.7", 7, 1), ("fastv:k=1,keep=0.5+cmai:strength=20,ratio=0.7", 7, 3),
+])
+def test_decoding_with_the_cache_equals_without(llava, spec, seed, beams):
+    """CMAI remembers every cached token's attention over the image. Beam search reorders the cache rows
+    every step, and the remembered rows must follow (they live in the cache); after FastV shortened a
+    layer, decoding must inhibit that layer as a cache-free step (a prefill) does."""
     batch = make_batch(llava, 2, seed=seed)
-    with mmtoken.apply(llava, "cmai:strength=20,ratio=0.7"), torch.no_grad():
-        a = llava.generate(**batch, max_new_tokens=8, num_beams=3, do_sample=False)
-        b = llava.generate(**batch, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False)
+    with mmtoken.apply(llava, spec), torch.no_grad():
+        a = llava.generate(**batch, max_new_tokens=8, num_beams=beams, do_sample=False)
+        b = llava.generate(**batch, max_new_tokens=8, num_beams=beams, do_sample=False, use_cache=False)
     assert torch.equal(a, b)

@@ -177,6 +177,27 @@ def test_beam_search_with_and_without_cache(llava, spec):
     assert torch.equal(a, b)
 
 
+def test_earlier_calls_do_not_change_later_ones(llava):
+    """A handle's LLM-stage decisions on one prompt are never reused for another call: a second chat turn
+    (the first prompt extended) or another image answers as on a freshly patched model."""
+    one = select_rows(make_batch(llava, 1, seed=0), 0)
+    other = select_rows(make_batch(llava, 1, seed=1), 0)
+    ext = torch.cat([one["input_ids"], torch.tensor([[17, 42, 99, 23]])], dim=1)
+    turn2 = {"input_ids": ext, "attention_mask": torch.ones_like(ext)}
+    spec = "fastv:k=1,keep=0.25"
+    with torch.no_grad():
+        for pixels in (one["pixel_values"], other["pixel_values"]):
+            with mmtoken.apply(llava, spec):
+                fresh = llava(**turn2, pixel_values=pixels).logits
+                fresh_gen = llava.generate(**turn2, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+            with mmtoken.apply(llava, spec):
+                llava(**one)
+                llava.generate(**one, max_new_tokens=4, do_sample=False, use_cache=False)
+                assert torch.equal(llava(**turn2, pixel_values=pixels).logits, fresh)
+                llava.generate(**one, max_new_tokens=4, do_sample=False, use_cache=False)
+                assert torch.equal(llava.generate(**turn2, pixel_values=pixels, max_new_tokens=6, do_sample=False), fresh_gen)
+
+
 def test_eager_attention_model_batch_equals_single():
     model = tiny_llava(attn="eager", seed=4)
     batch = make_batch(model, 3, seed=8)

@@ -133,7 +133,9 @@ class RunState:
 class Memo:
     """The LLM-stage decisions of the last prefill. Generation without a KV cache re-runs the prefill on
     the prompt plus the tokens generated so far; the decisions taken on the prompt are reused for it (the
-    new tokens are kept), so decoding with and without the cache gives the same tokens."""
+    new tokens are kept), so decoding with and without the cache gives the same tokens. A memo lives for
+    one ``generate(use_cache=False)`` call only: it is made and read only inside such a call, and dropped
+    when the call starts and ends, so no later call (a second chat turn, another image) inherits it."""
 
     ids: Tensor
     kept: dict[int, Tensor]
@@ -230,6 +232,7 @@ class LlavaAdapter:
         self._vstate = VisionState()
         self._request = VisualRequest()
         self._memo: Memo | None = None
+        self._memo_scope = 0  # > 0 inside a generate() call (see Memo)
 
     # -- properties of the model ----------------------------------------------------------------
     @property
@@ -286,11 +289,26 @@ class LlavaAdapter:
         self._undo.set_attr(self.base, "get_image_features", self._wrap_get_image_features(self.base.get_image_features))
         self._undo.set_attr(self.base, "forward", self._wrap_forward(self.base.forward))
         self._install_llm()
-        gen = self.model.generate
+        gen = self._scope_memo(self.model.generate)
         for p in by_stage["decode"]:
             gen = p.wrap_generate(gen, self.model)
-        if by_stage["decode"]:
-            self._undo.set_attr(self.model, "generate", gen)
+        self._undo.set_attr(self.model, "generate", gen)
+
+    def _scope_memo(self, generate: Callable[..., Any]) -> Callable[..., Any]:
+        """``generate`` with the memo (see :class:`Memo`) limited to the call."""
+        adapter = self
+
+        @functools.wraps(generate)
+        def scoped(*args: Any, **kwargs: Any) -> Any:
+            adapter._memo = None
+            adapter._memo_scope += 1
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                adapter._memo_scope -= 1
+                adapter._memo = None
+
+        return scoped
 
     def remove(self) -> None:
         self._undo.run()
@@ -543,7 +561,8 @@ class LlavaAdapter:
         plan.image_mask = image_mask
         self._run = RunState(mode="prefill", image_mask=image_mask, valid=valid, plan=plan)
         new_ids = a.get("input_ids")
-        memo = self._memo
+        use_memo = self._memo_scope > 0 and a.get("use_cache") is False and cache is None
+        memo = self._memo if use_memo else None
         if (
             memo is not None and new_ids is not None and new_ids.shape[0] == memo.ids.shape[0]
             and new_ids.shape[1] > memo.ids.shape[1] and torch.equal(new_ids[:, : memo.ids.shape[1]], memo.ids)
@@ -556,7 +575,7 @@ class LlavaAdapter:
             if image_out is not None:
                 image_out.pooler_output = feats
         self.stats.llm_visual_tokens = _host_counts(run.counts)
-        if new_ids is not None and run.kept and run.memo is None:
+        if use_memo and new_ids is not None and run.kept and run.memo is None:
             self._memo = Memo(ids=new_ids, kept=run.kept)
         out_cache = getattr(out, "cache", None)
         if out_cache is not None:
@@ -815,7 +834,12 @@ class LlavaAdapter:
             ctx["valid"], ctx["image_mask"] = valid, self._current(run.image_mask, run) & valid
         else:
             lp = run.plan.layers.get(i)
-            ctx["prefill_image_mask"] = run.plan.image_mask if lp is None or lp.idx is None else None
+            image0 = run.plan.image_mask
+            if lp is not None and lp.idx is not None:  # the layer caches only the prefill positions kept there
+                image0 = image0.gather(1, lp.idx)
+                if lp.dummy is not None:
+                    image0 = image0 & ~lp.dummy
+            ctx["prefill_image_mask"] = image0
         out = mask
         for p in self._bias_layers[i]:  # plugins that shape the attention come first (see __init__)
             bias = p.attention_bias(i, q, kv, ctx)
