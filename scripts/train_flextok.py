@@ -1,11 +1,18 @@
-"""Train ``tiny-flextok`` on the synthetic world's scenes, on the CPU, seeded.
+"""Train a FlexTok tokenizer (meant to become ``tiny-flextok``) on the synthetic world's scenes, on the CPU, seeded.
 
-    python scripts/train_flextok.py --out runs/flextok                 # the shipped recipe
-    python scripts/train_flextok.py --quick --out /tmp/ft               # a few steps: checks the script
+    python scripts/train_flextok.py --out runs/flextok --threads 1      # the best recipe measured, both stages
+    python scripts/train_flextok.py --quick --out /tmp/ft                # a few steps: checks the script
 
-Training scenes use the world's training seeds; the curve's PSNR is measured on held-out scenes at every
-prefix length ``k = 1, 2, 4, ..., K``. Writes ``OUT/tokenizer`` (safetensors + config) and ``OUT/curve.json``;
-checkpoints as it goes.
+Two stages in latent mode (``--latent-channels C``, the default): (1) a small convolutional auto-encoder
+(``conv_ae.py``) learns to map images to a ``C``-channel latent grid and back (``--ae-steps``; skipped with
+``--ae-from OUT/ae.safetensors`` of an earlier run); (2) it is frozen, its latents are standardised per
+channel and cached for ``--data`` training scenes, and the FlexTok register encoder and flow decoder train
+on them. ``--latent-channels 0`` trains the pixel-space FlexTok in one stage, as before.
+
+Training scenes use the world's training seeds; PSNR is measured on held-out scenes: the auto-encoder's
+own reconstructions (a bound on everything after it), then FlexTok's at every prefix length
+``k = 1, 2, 4, ..., K``. Writes ``OUT/ae.safetensors``, ``OUT/tokenizer`` (safetensors + config) and
+``OUT/curve.json``; checkpoints as it goes.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ def prefix_lengths(k: int) -> list[int]:
     return [2**i for i in range(int(math.log2(k)) + 1) if 2**i <= k]
 
 
+def cosine_lr(base: float, step: int, steps: int, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 @torch.no_grad()
 def evaluate(tok: FlexTok, x: torch.Tensor, steps: int) -> dict[str, float]:
     tok.eval()
@@ -47,57 +58,157 @@ def evaluate(tok: FlexTok, x: torch.Tensor, steps: int) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def ae_psnr(tok: FlexTok, x: torch.Tensor) -> float:
+    return float(psnr((tok.ae.decode(tok.ae.encode(x * 2 - 1)).clamp(-1, 1) + 1) / 2, x).mean())
+
+
+def train_ae(tok: FlexTok, args, held: torch.Tensor, curve: dict) -> None:
+    """Stage 1: the auto-encoder alone, on freshly rendered training scenes."""
+    ae = tok.ae.requires_grad_(True).train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=args.ae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    for step in range(args.ae_steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(args.ae_lr, step, args.ae_steps, 100)
+        x = images(rng.integers(0, 5_000_000, size=args.ae_batch), args.image_size) * 2 - 1
+        loss, rec = ae.loss(x, g)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            curve["ae_train"].append({"step": step, "loss": float(loss.detach()), "mse": float(rec.detach()), "s": time.time() - t0})
+            print(f"ae step {step} loss {float(loss.detach()):.5f} {time.time() - t0:.0f}s", flush=True)
+        if (step + 1) % args.eval_every == 0 or step == args.ae_steps - 1:
+            ae.eval()
+            curve["ae_eval"].append({"step": step + 1, "psnr": ae_psnr(tok, held), "s": time.time() - t0})
+            ae.train()
+            print("ae eval", curve["ae_eval"][-1], flush=True)
+            save_ae(tok, args.out)
+    ae.requires_grad_(False).eval()
+
+
+def save_ae(tok: FlexTok, out: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in tok.ae.state_dict().items()}, os.path.join(out, "ae.safetensors"))
+
+
+@torch.no_grad()
+def cache_latents(tok: FlexTok, n: int, size: int, seed: int, chunk: int = 256) -> torch.Tensor:
+    """The frozen auto-encoder's (unstandardised) latents of ``n`` training scenes."""
+    rng = np.random.default_rng(seed + 2)
+    seeds = rng.integers(0, 5_000_000, size=n)
+    return torch.cat([tok.ae.encode(images(seeds[i : i + chunk], size) * 2 - 1) for i in range(0, n, chunk)])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--image-size", type=int, default=48)
-    ap.add_argument("--patch", type=int, default=4)
-    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3500, help="FlexTok steps (0: train the auto-encoder only)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--patch", type=int, default=4, help="patch side, in latent cells (pixels with --latent-channels 0)")
+    ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
-    ap.add_argument("--registers", type=int, default=32)
-    ap.add_argument("--levels", default="8,5,5,5")
-    ap.add_argument("--p-pure-noise", type=float, default=0.0)
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--registers", type=int, default=16)
+    ap.add_argument("--levels", default="8,8,8,5,5,5")
+    ap.add_argument("--p-pure-noise", type=float, default=1.0,
+                    help="share of each batch at flow time 1 (1.0: a deterministic decoder; decode it with steps=1)")
+    ap.add_argument("--latent-channels", type=int, default=8, help="0: pixel space (no auto-encoder)")
+    ap.add_argument("--ae-widths", default="16,48,128")
+    ap.add_argument("--ae-steps", type=int, default=2000)
+    ap.add_argument("--ae-batch", type=int, default=32)
+    ap.add_argument("--ae-lr", type=float, default=2e-3)
+    ap.add_argument("--ae-noise", type=float, default=0.1)
+    ap.add_argument("--ae-from", default="", help="an earlier run's ae.safetensors: skip stage 1")
+    ap.add_argument("--data", type=int, default=100_000, help="training scenes whose latents are cached (latent mode)")
+    ap.add_argument("--latent-cache", default="", help="a safetensors file holding those latents (of the same auto-encoder): read if it exists, else written")
+    ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--eval-n", type=int, default=64)
-    ap.add_argument("--eval-steps", type=int, default=25, help="Euler steps when decoding for the curve")
+    ap.add_argument("--eval-steps", type=int, default=1, help="Euler steps when decoding for the curve")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init", default="", help="continue a saved FlexTok (its tokenizer folder) with this run's "
+                    "optimiser settings and --p-pure-noise, e.g. a flow phase after a deterministic one; its "
+                    "auto-encoder and latent statistics are kept")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.eval_every, args.eval_n, args.batch, args.eval_steps = 3, 3, 4, 4, 2
-        args.dim, args.layers, args.registers = 32, 1, 8
+        args.dim, args.layers, args.registers, args.ae_steps, args.ae_batch, args.data = 32, 1, 8, 3, 4, 16
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     cfg = FlexTokConfig(image_size=args.image_size, patch=args.patch, dim=args.dim, heads=4, enc_layers=args.layers,
                         dec_layers=args.layers, registers=args.registers, levels=[int(v) for v in args.levels.split(",")],
-                        p_pure_noise=args.p_pure_noise)
-    tok = FlexTok(cfg)
-    opt = torch.optim.AdamW(tok.parameters(), lr=args.lr, weight_decay=0.01)
+                        p_pure_noise=args.p_pure_noise, latent_channels=args.latent_channels,
+                        ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise)
+    if args.init:
+        tok = FlexTok.from_pretrained(args.init)
+        tok.config.p_pure_noise = args.p_pure_noise
+    else:
+        tok = FlexTok(cfg)
     held = images(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size)
-    curve = {"args": vars(args), "train": [], "eval": []}
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = time.time()
+    curve = {"args": vars(args), "ae_train": [], "ae_eval": [], "train": [], "eval": []}
     os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    data = None
+    if tok.ae is not None:
+        if args.init:
+            pass  # the loaded tokenizer's auto-encoder
+        elif args.ae_from:
+            from safetensors.torch import load_file
+
+            tok.ae.load_state_dict(load_file(args.ae_from))
+        else:
+            train_ae(tok, args, held, curve)
+        curve["ae_psnr"] = ae_psnr(tok, held)
+        print(f"auto-encoder: {curve['ae_psnr']:.2f} dB on {args.eval_n} held-out scenes ({time.time() - t0:.0f}s)", flush=True)
+        if args.steps == 0:
+            with open(os.path.join(args.out, "curve.json"), "w") as f:
+                json.dump(curve, f, indent=1)
+            return
+        if args.latent_cache and os.path.exists(args.latent_cache):
+            from safetensors.torch import load_file
+
+            data = load_file(args.latent_cache)["latents"].float()[: args.data]
+        else:
+            data = cache_latents(tok, args.data, args.image_size, args.seed)
+            if args.latent_cache:
+                from safetensors.torch import save_file
+
+                save_file({"latents": data.half().contiguous()}, args.latent_cache)
+                data = data.half().float()  # the same values as a later run reading the file
+        if not args.init:
+            tok.latent_mean.copy_(data.mean(dim=(0, 2, 3)))
+            tok.latent_std.copy_(data.std(dim=(0, 2, 3)))
+        data = (data - tok.latent_mean[:, None, None]) / tok.latent_std[:, None, None]
+        print(f"cached {len(data)} latents {tuple(data.shape[1:])} ({time.time() - t0:.0f}s)", flush=True)
+    params = [p for n, p in tok.named_parameters() if not n.startswith("ae.")]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(args.seed)
+    t1 = time.time()
     for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
-            group["lr"] = lr
-        x = images(rng.integers(0, 5_000_000, size=args.batch), args.image_size) * 2 - 1
-        loss = tok.loss(x, g)
+            group["lr"] = cosine_lr(args.lr, step, args.steps, 200)
+        if data is not None:
+            loss = tok.flow_loss(data[torch.from_numpy(rng.integers(0, len(data), size=args.batch))], g)
+        else:
+            loss = tok.loss(images(rng.integers(0, 5_000_000, size=args.batch), args.image_size) * 2 - 1, g)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 0:
-            curve["train"].append({"step": step, "loss": float(loss.detach()), "s": time.time() - t0})
-            print(f"step {step} loss {float(loss.detach()):.4f} {time.time() - t0:.0f}s", flush=True)
+            curve["train"].append({"step": step, "loss": float(loss.detach()), "s": time.time() - t1})
+            print(f"step {step} loss {float(loss.detach()):.4f} {time.time() - t1:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
-            ev = evaluate(tok, held, args.eval_steps) | {"step": step + 1, "s": time.time() - t0}
+            ev = evaluate(tok, held, args.eval_steps) | {"step": step + 1, "s": time.time() - t1}
             curve["eval"].append(ev)
             print("eval", ev, flush=True)
             tok.save_pretrained(os.path.join(args.out, "tokenizer"), extra={"trained_by": "scripts/train_flextok.py"})

@@ -1,5 +1,6 @@
 """The built-in models that ship inside the package."""
 
+import numpy as np
 import torch
 
 import mmtoken
@@ -53,7 +54,7 @@ def test_load_model_refuses_unknown_and_unsupported_checkpoints(tmp_path):
 def test_tiny_seed_is_shipped_and_uses_half_its_codebook_on_held_out_images():
     import mmtoken.tokenizers as T
 
-    assert T.builtin_tokenizers() == ["tiny-seed"] and "tiny-seed" not in mmtoken.builtin_models()
+    assert T.builtin_tokenizers() == ["tiny-flextok", "tiny-seed"] and "tiny-seed" not in mmtoken.builtin_models()
     tok = T.load("tiny-seed")
     items = TASKS["synth-vqa"].items(200)
     ids = torch.cat([tok.encode([it.image for it in items[i : i + 50]]) for i in range(0, 200, 50)])
@@ -61,3 +62,20 @@ def test_tiny_seed_is_shipped_and_uses_half_its_codebook_on_held_out_images():
     assert torch.unique(ids).numel() >= 0.5 * tok.config.codes  # the issue's bar on held-out images
     images = tok.decode(ids[:4])
     assert images.shape == (4, 3, 96, 96) and 0 <= images.min() and images.max() <= 1
+
+
+def test_tiny_flextok_reconstructs_better_with_every_longer_prefix():
+    """The issue's first FlexTok bar, on held-out images: quality rises with the number of tokens k."""
+    import mmtoken.tokenizers as T
+
+    tok = T.load("tiny-flextok")
+    items = TASKS["synth-vqa"].items(24)
+    x = torch.stack([torch.from_numpy(np.asarray(it.image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1) for it in items])
+    ids = tok.encode(x)
+    assert ids.shape == (24, 16) and tok.image_size == 96
+    psnr = []
+    for k in (1, 4, 16):
+        rec = tok.decode(ids[:, :k], steps=5)
+        assert rec.shape == x.shape and 0 <= rec.min() and rec.max() <= 1
+        psnr.append(float((10 * torch.log10(1 / ((rec - x) ** 2).mean(dim=(1, 2, 3)))).mean()))
+    assert psnr[0] < psnr[1] < psnr[2] and psnr[2] - psnr[0] > 3, psnr

@@ -68,6 +68,58 @@ def test_decoding_k_tokens_ignores_registers_beyond_k(tmp_path):
     assert torch.isfinite(tok.loss(torch.rand(4, 3, 16, 16) * 2 - 1))
 
 
+def _tiny_latent():
+    torch.manual_seed(0)
+    return FlexTok(FlexTokConfig(image_size=32, patch=2, dim=32, heads=2, enc_layers=2, dec_layers=2, registers=8, levels=[5, 5],
+                                 latent_channels=4, ae_widths=[8, 16])).eval()
+
+
+def test_conv_auto_encoder_shapes_and_loss():
+    from mmtoken.tokenizers.conv_ae import ConvAutoEncoder
+
+    ae = ConvAutoEncoder(4, [8, 16, 16])
+    assert ae.factor == 8
+    x = torch.rand(2, 3, 48, 48) * 2 - 1
+    z = ae.encode(x)
+    assert z.shape == (2, 4, 6, 6) and ae.decode(z).shape == (2, 3, 48, 48)
+    loss, rec = ae.loss(x, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss >= rec and all(p.grad is not None for p in ae.parameters())
+
+
+def test_latent_mode_shapes_freezes_the_auto_encoder_and_ignores_ids_beyond_k(tmp_path):
+    tok = _tiny_latent()
+    assert tok.side == 8 and tok.grid == 4 and tok.in_ch == 4
+    assert not any(p.requires_grad for p in tok.ae.parameters())
+    with torch.no_grad():
+        for n, p in tok.named_parameters():
+            if not n.startswith("ae."):
+                p.add_(torch.randn_like(p) * 0.05)
+        tok.latent_mean.fill_(0.3)
+        tok.latent_std.fill_(2.0)
+    x = torch.rand(2, 3, 32, 32)
+    z = tok.to_flow(x * 2 - 1)
+    assert z.shape == (2, 4, 8, 8)
+    assert torch.allclose(tok.from_flow(z), tok.ae.decode(tok.ae.encode(x * 2 - 1)), atol=1e-5)
+    ids = tok.encode(x)
+    assert ids.shape == (2, 8)
+    a = tok.decode(ids[:, :3], steps=3)
+    other = ids.clone()
+    other[:, 3:] = (other[:, 3:] + 7) % 25
+    assert torch.equal(a, tok.decode(other[:, :3], steps=3))
+    assert not torch.equal(a, tok.decode(ids[:, :4], steps=3))
+    assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    tok.train()
+    loss = tok.loss(x * 2 - 1)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None for p in tok.ae.parameters())
+    assert tok.registers.grad is not None and tok.out.weight.grad is not None
+    tok.eval()
+    tok.save_pretrained(str(tmp_path / "t"), dtype=torch.float16)
+    back = load(str(tmp_path / "t"))
+    assert torch.equal(back.latent_std, tok.latent_std) and torch.equal(back.encode(x), ids)
+
+
 @pytest.mark.parametrize("p_pure", [0.0, 1.0])
 def test_pure_noise_share_sets_the_flow_time_to_one(p_pure, monkeypatch):
     tok = _tiny()
@@ -104,6 +156,15 @@ def test_flextok_training_script_quick_mode(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     tok = load(str(tmp_path / "tokenizer"))
     assert tok.encode(torch.rand(1, 3, 48, 48)).shape == (1, 8)
+    # the second phase of the shipped recipe: continue that tokenizer as a rectified flow
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "train_flextok.py"), "--quick", "--out", str(tmp_path / "flow"),
+                        "--init", str(tmp_path / "tokenizer"), "--p-pure-noise", "0.3", "--threads", "1"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    flow = load(str(tmp_path / "flow" / "tokenizer"))
+    assert flow.config.p_pure_noise == 0.3 and torch.equal(flow.latent_std, tok.latent_std)
+    for a, b in zip(flow.ae.parameters(), tok.ae.parameters()):
+        assert torch.equal(a, b)  # the auto-encoder stays frozen
 
 
 def test_psnr_and_ssim_on_known_cases():

@@ -1,22 +1,40 @@
 """FlexTok (arXiv 2502.13967): an image as an ordered sequence of 1..K discrete tokens, coarse to fine.
 
-A faithful miniature in pixel space:
+A miniature, in one of two spaces (``latent_channels``):
 
-- **Encoder**: the image is cut into ``patch x patch`` patches, linearly embedded with learned positions,
-  followed by ``K`` learned register tokens. The attention mask is the paper's *causal-last* mask: patches
-  attend to all patches (never to registers); register ``j`` attends to every patch and to registers
-  ``0..j``. The registers' outputs are projected to ``len(levels)`` channels and quantised by FSQ: the
-  image's ids are the ``K`` codes, in register order.
+- **Latent mode** (``latent_channels = C > 0``; the training script's default). As in the paper, the
+  register encoder and the flow decoder work on the latent grid of an image auto-encoder, not on pixels.
+  The paper uses a pretrained VAE; here (ours) a small convolutional auto-encoder (``conv_ae.py``;
+  ``ae_widths``: one stage per halving, so a 96-px image becomes a ``12 x 12 x C`` grid with three
+  stages) regularised by a light KL (a fixed posterior std ``ae_noise`` and a ``ae_kl`` penalty on the
+  latent's square), trained first on its own and then frozen. Its latent is standardised per channel
+  (``latent_mean`` / ``latent_std``, measured on training latents by the training script), cut into
+  ``patch x patch``-cell patches, and the flow generates standardised latents, which the auto-encoder's
+  decoder turns into pixels.
+- **Pixel space** (``latent_channels = 0``, ours, the first miniature): the image itself is patchified.
+  It learnt nothing beyond an image's mean colour on this CPU (docs/tokenizers.md).
+
+The rest follows the paper in either space:
+
+- **Encoder**: the patches, linearly embedded with learned positions, followed by ``K`` learned register
+  tokens. The attention mask is the paper's *causal-last* mask: patches attend to all patches (never to
+  registers); register ``j`` attends to every patch and to registers ``0..j``. The registers' outputs are
+  projected to ``len(levels)`` channels and quantised by FSQ: the image's ids are the ``K`` codes, in
+  register order.
 - **Decoder**: a rectified-flow transformer over ``[noised patches | registers]`` (full attention) with
   adaLN-zero conditioning on the flow time; it predicts the velocity ``v = eps - x0``.
 - **Training**: ``x_t = s eps + (1 - s) x0`` with ``s = sigmoid(n)``, ``n ~ N(0, 1)``; loss
   ``|v_pred - (eps - x0)|^2``. Optionally (``p_pure_noise``, ours, default 0) a share of the batch is
-  trained at ``s = 1`` exactly, where the loss is a pure reconstruction from the registers. *Nested
+  trained at ``s = 1`` exactly, where the loss is a pure reconstruction from the registers (1.0 makes
+  the decoder a deterministic one-step decoder, to be decoded with ``steps=1``). On this CPU the
+  registers learnt more than the mean colour only that way; ``tiny-flextok`` is trained at 1.0 first,
+  then continued as a rectified flow at 0.3, which keeps the registers' content (docs/tokenizers.md). *Nested
   dropout*: per image keep the first ``k`` registers, ``k`` drawn from ``1, 2, 4, ..., K``, and replace
   the rest by a learned mask token; with probability ``p_uncond`` keep none (for classifier-free guidance).
 - **Decoding** any prefix ``ids[:, :k]``: registers beyond ``k`` are the mask token, then ``steps`` Euler
   steps from ``t = 1`` (noise, seeded, so decoding is deterministic) to ``t = 0``, optionally with
-  classifier-free guidance ``v = v_uncond + guidance (v_cond - v_uncond)``.
+  classifier-free guidance ``v = v_uncond + guidance (v_cond - v_uncond)``; in latent mode the result is
+  decoded to pixels by the frozen auto-encoder.
 
 Initialisation: the (learned) patch positions start as 2-D sine-cosine embeddings (DiT keeps them fixed),
 and the registers and their decoder positions start at unit scale, so that neither the registers nor the
@@ -24,8 +42,9 @@ positions are drowned by the patch content (with 0.02-scale starts the registers
 nearly identical: variance across an image's registers 0.007 against 2.7 across images; with unit-scale
 starts, 1.3 against 1.8).
 
-Departures (for a CPU-sized model): pixel space instead of a VAE latent, a few layers, FSQ levels smaller
-than the official ``[8, 8, 8, 5, 5, 5]`` (configurable).
+Departures (for a CPU-sized model): the auto-encoder is ours and tiny (trained on the synthetic scenes
+only), a few transformer layers, FSQ levels configurable (the script uses the official
+``[8, 8, 8, 5, 5, 5]``).
 """
 
 from __future__ import annotations
@@ -39,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import ImageTokenizer, to_tensor
+from .conv_ae import ConvAutoEncoder
 from .fsq import FSQ
 
 
@@ -54,6 +74,13 @@ class FlexTokConfig:
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     p_uncond: float = 0.1
     p_pure_noise: float = 0.0
+    # latent mode (ours, the paper's VAE stage in miniature): 0 = pixel space; c > 0 = the register encoder
+    # and the flow decoder work on the c-channel latent grid of a small convolutional auto-encoder
+    # (conv_ae.py), trained first and frozen; ``patch`` then counts latent cells
+    latent_channels: int = 0
+    ae_widths: list[int] = field(default_factory=lambda: [16, 48, 128])  # each stage halves the resolution
+    ae_noise: float = 0.1  # the auto-encoder's fixed posterior std (light KL)
+    ae_kl: float = 1e-3
 
 
 class Block(torch.nn.Module):
@@ -128,8 +155,22 @@ class FlexTok(ImageTokenizer):
     def __init__(self, config: FlexTokConfig):
         super().__init__(config)
         c = config
-        self.grid = c.image_size // c.patch
-        n, d, pd = self.grid * self.grid, c.dim, 3 * c.patch * c.patch
+        self.ae = None
+        self.in_ch, side = 3, c.image_size
+        if c.latent_channels:
+            self.ae = ConvAutoEncoder(c.latent_channels, c.ae_widths, c.ae_noise, c.ae_kl)
+            self.ae.requires_grad_(False)
+            if c.image_size % self.ae.factor:
+                raise ValueError(f"image_size {c.image_size} is not a multiple of the auto-encoder's factor {self.ae.factor}")
+            self.in_ch, side = c.latent_channels, c.image_size // self.ae.factor
+        # per-channel statistics that standardise the latent (set by the training script; identity in pixel space)
+        self.register_buffer("latent_mean", torch.zeros(self.in_ch), persistent=self.ae is not None)
+        self.register_buffer("latent_std", torch.ones(self.in_ch), persistent=self.ae is not None)
+        if side % c.patch:
+            raise ValueError(f"patch {c.patch} does not divide the {'latent' if self.ae else 'image'} side {side}")
+        self.side = side
+        self.grid = side // c.patch
+        n, d, pd = self.grid * self.grid, c.dim, self.in_ch * c.patch * c.patch
         self.fsq = FSQ(c.levels)
         # encoder
         self.enc_in = torch.nn.Linear(pd, d)
@@ -157,14 +198,28 @@ class FlexTok(ImageTokenizer):
     def n_tokens(self) -> int:
         return self.config.registers
 
-    # -- pixels <-> patches ---------------------------------------------------------------------
+    # -- pixels <-> the flow's space <-> patches -------------------------------------------------
+    @torch.no_grad()
+    def to_flow(self, x: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> what the encoder reads and the flow generates: the images
+        themselves in pixel space; in latent mode the frozen auto-encoder's latent, standardised."""
+        if self.ae is None:
+            return x
+        return (self.ae.encode(x) - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
+
+    def from_flow(self, z: Tensor) -> Tensor:
+        """The inverse of :meth:`to_flow`: images in about [-1, 1]."""
+        if self.ae is None:
+            return z
+        return self.ae.decode(z * self.latent_std[:, None, None] + self.latent_mean[:, None, None])
+
     def patchify(self, x: Tensor) -> Tensor:
-        p, g = self.config.patch, self.grid
-        return x.view(x.shape[0], 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], g * g, 3 * p * p)
+        p, g, c = self.config.patch, self.grid, self.in_ch
+        return x.view(x.shape[0], c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], g * g, c * p * p)
 
     def unpatchify(self, t: Tensor) -> Tensor:
-        p, g = self.config.patch, self.grid
-        return t.view(t.shape[0], g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(t.shape[0], 3, g * p, g * p)
+        p, g, c = self.config.patch, self.grid, self.in_ch
+        return t.view(t.shape[0], g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(t.shape[0], c, g * p, g * p)
 
     # -- encoder --------------------------------------------------------------------------------
     def encode_codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,11 +227,15 @@ class FlexTok(ImageTokenizer):
         return self.fsq(self.encode_latent(x))
 
     def encode_latent(self, x: Tensor) -> Tensor:
-        """The registers' pre-quantisation outputs ``[B, K, len(levels)]``."""
-        h = self.enc_in(self.patchify(x)) + self.enc_pos
+        """The registers' pre-quantisation outputs ``[B, K, len(levels)]`` for images ``x`` in [-1, 1]."""
+        return self.register_outputs(self.to_flow(x))
+
+    def register_outputs(self, z: Tensor) -> Tensor:
+        """The registers' pre-quantisation outputs for an input already in the flow's space (:meth:`to_flow`)."""
+        h = self.enc_in(self.patchify(z)) + self.enc_pos
         n = h.shape[1]
-        h = torch.cat([h, self.registers.expand(x.shape[0], -1, -1)], dim=1)
-        mask = register_mask(n, self.config.registers, x.device)
+        h = torch.cat([h, self.registers.expand(z.shape[0], -1, -1)], dim=1)
+        mask = register_mask(n, self.config.registers, z.device)
         for blk in self.enc:
             h = blk(h, mask)
         return self.to_code(self.enc_norm(h[:, n:]))
@@ -205,8 +264,13 @@ class FlexTok(ImageTokenizer):
 
     def loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Rectified-flow loss with nested dropout on a batch ``x0`` ``[B, 3, H, W]`` in [-1, 1]."""
+        return self.flow_loss(self.to_flow(x0), generator)
+
+    def flow_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The same on a batch already in the flow's space (:meth:`to_flow`; the training script caches
+        the frozen auto-encoder's latents)."""
         b, dev = x0.shape[0], x0.device
-        codes, _ = self.encode_codes(x0)
+        codes, _ = self.fsq(self.register_outputs(x0))
         k = self.config.registers
         choices = torch.tensor([2**i for i in range(int(math.log2(k)) + 1) if 2**i <= k], device=dev)
         keep = choices[torch.randint(len(choices), (b,), generator=generator).to(dev)]
@@ -233,8 +297,7 @@ class FlexTok(ImageTokenizer):
         codes = self.fsq.indices_to_codes(full)
         keep = torch.full((b,), k, device=dev)
         g = torch.Generator().manual_seed(seed)
-        s = self.image_size
-        x = torch.randn(b, 3, s, s, generator=g).to(dev)
+        x = torch.randn(b, self.in_ch, self.side, self.side, generator=g).to(dev)
         ts = torch.linspace(1.0, 0.0, steps + 1, device=dev)
         for i in range(steps):
             t = ts[i].expand(b)
@@ -243,4 +306,4 @@ class FlexTok(ImageTokenizer):
                 v0 = self.velocity(x, t, codes, torch.zeros_like(keep))
                 v = v0 + guidance * (v - v0)
             x = x - (ts[i] - ts[i + 1]) * v
-        return ((x.clamp(-1, 1) + 1) / 2).float()
+        return ((self.from_flow(x).clamp(-1, 1) + 1) / 2).float()
