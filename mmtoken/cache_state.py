@@ -34,10 +34,15 @@ class PositionState(DynamicLayer):
 
 def attach_state(cache: Any, n_layers: int, state: Tensor) -> PositionState | None:
     """Append ``state`` ``[B, S, D]`` to ``cache`` (S = the positions the cache holds, in its column order) and
-    return its layer; None when the cache cannot carry it (no cache, or its model layers are not all there yet)."""
+    return its layer; None when there is no cache. A cache that creates its layers as the model reaches them
+    (``DynamicCache()`` without a config) first gets its missing model layers, empty, so that the state
+    sits after all of them."""
     layers = getattr(cache, "layers", None)
-    if layers is None or len(layers) < n_layers:
+    if layers is None:
         return None
+    while len(layers) < n_layers:
+        make = getattr(cache, "layer_class_to_replicate", None) or DynamicLayer
+        layers.append(make())
     slot = PositionState(state)
     layers.append(slot)
     return slot

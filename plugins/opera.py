@@ -44,7 +44,15 @@ the official code never rolls back into the first 10 response tokens), ``max_rol
 default ``n_can``), ``rollback`` (on/off). The official code also rewards image attention during the first
 10 response tokens instead of penalising; that step is not in the paper and not implemented here. A batch
 gives the answers of its samples decoded alone (tested, rollbacks included); ``num_beams=1`` is greedy
-decoding with the penalty.
+decoding with the penalty. "Exactly" above is tested on the CPU; on a GPU the candidate forward may use
+other attention kernels than a one-token step, so equality holds up to their rounding.
+
+Costs to know. Snapshots (each beam's state and the step's log-probabilities over the vocabulary) are kept
+for every step a rollback can return to (``k >= min_rollback_pos``; none with ``rollback=False``), for
+every sample of the batch at once. Samples that finished, and columns left by rollbacks, keep their rows
+in the batch's forwards until the whole batch is done. The per-sample bookkeeping reads a few flags back
+from the device every step. User logits processors are called per sample (with that sample's beams as
+the batch), not on a replayed step after a rollback.
 """
 
 from __future__ import annotations
@@ -262,7 +270,7 @@ class _Beams:
         self._step = (logits, log_probs, base, fresh, cands, flat)
         return cands
 
-    def decide(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def decide(self, rows: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Choose the step's tokens from the candidates' attention rows ``[beams, n, k + 1]`` over the response
         columns, or roll back. Returns the beam each cache row must now hold (a local row index per beam), the
         candidate each row keeps (its index among the parent row's candidates; None: none, after a rollback or
@@ -277,8 +285,9 @@ class _Beams:
             window = _window(self.att, rows)  # [beams, n, k + 1, k + 1]
             penalty, cols = column_penalty(window, cfg.sigma, cfg.eps)
             step = candidate_scores(logits, log_probs, cands, penalty, cfg.alpha, cfg.renormalize)
-            state = {key: v.clone() for key, v in st.items()} | {"att": self.att, "n_hist": torch.tensor(len(self.loc_history))}
-            self.snaps[k] = _Snapshot(state, log_probs)
+            if cfg.rollback and k >= cfg.min_rollback_pos:  # only a step a rollback can return to needs a snapshot
+                state = {key: v.clone() for key, v in st.items()} | {"att": self.att, "n_hist": torch.tensor(len(self.loc_history))}
+                self.snaps[k] = _Snapshot(state, log_probs)
             self.loc_history.append(aggregation_column(cols))
             loc = rollback_column(self.loc_history, cfg.r) if cfg.rollback else None
             if loc is not None and loc >= cfg.min_rollback_pos:
@@ -319,7 +328,7 @@ class _Beams:
             decoder_prompt_len=p, early_stopping=self.early_stopping, length_penalty=self.length_penalty,
         )
         self.done = not bool(model._beam_search_has_unfinished_sequences(st["improvable"], st["finished"], hits, self.early_stopping))
-        return parent, None if self.done else which, token[:, None][:, :0]
+        return parent, None if self.done else which, token.new_empty(beams, 0)
 
     def _roll_back(self, target: int, live: Tensor) -> tuple[Tensor, None, Tensor]:
         """Return to the step that chose response token ``target``: restore its state; each restored beam's
@@ -477,7 +486,7 @@ class OperaPlugin(Plugin):
                 if which is not None:  # the chosen candidate's forward was the step's forward
                     pick[s.rows], kept[s.rows] = which, True
                     s.logits = out.logits[s.rows[local], which]
-                    s.cols = torch.cat([s.cols, torch.tensor([shared.extra.shape[1]], device=dev)])
+                    s.cols = torch.cat([s.cols, torch.full((1,), shared.extra.shape[1], dtype=torch.long, device=dev)])
                 feeds.append((s, again))
             keep_candidate(shared.cache, perm, pick, n)
             shared.extra = torch.cat([shared.extra, kept[:, None]], dim=1)

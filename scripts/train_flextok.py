@@ -149,8 +149,11 @@ def main(argv=None):
                         p_pure_noise=args.p_pure_noise, latent_channels=args.latent_channels,
                         ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise)
     if args.init:
+        if args.ae_from:
+            raise SystemExit("--init keeps the loaded tokenizer's auto-encoder: drop --ae-from")
         tok = FlexTok.from_pretrained(args.init)
         tok.config.p_pure_noise = args.p_pure_noise
+        args.image_size = tok.config.image_size  # the architecture is the loaded one's
     else:
         tok = FlexTok(cfg)
     held = images(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size)

@@ -58,3 +58,15 @@ def test_decoding_with_the_cache_equals_without(llava, spec, seed, beams):
         a = llava.generate(**batch, max_new_tokens=8, num_beams=beams, do_sample=False)
         b = llava.generate(**batch, max_new_tokens=8, num_beams=beams, do_sample=False, use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_a_cache_that_grows_its_layers_lazily_keeps_the_history(llava):
+    """``DynamicCache()`` without a config creates its layers as the model reaches them; CMAI's history must
+    still find its place after them (else decoding would run uninhibited)."""
+    from transformers import DynamicCache
+
+    batch = make_batch(llava, 2, seed=7)
+    with mmtoken.apply(llava, "cmai:strength=20,ratio=0.7"), torch.no_grad():
+        a = llava.generate(**batch, max_new_tokens=8, do_sample=False, cache=DynamicCache())
+        b = llava.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)

@@ -300,13 +300,13 @@ class LlavaAdapter:
 
         @functools.wraps(generate)
         def scoped(*args: Any, **kwargs: Any) -> Any:
-            adapter._memo = None
+            outer, adapter._memo = adapter._memo, None  # a nested call leaves the outer call's memo alone
             adapter._memo_scope += 1
             try:
                 return generate(*args, **kwargs)
             finally:
                 adapter._memo_scope -= 1
-                adapter._memo = None
+                adapter._memo = outer if adapter._memo_scope > 0 else None
 
         return scoped
 
@@ -841,7 +841,7 @@ class LlavaAdapter:
                     image0 = image0 & ~lp.dummy
             ctx["prefill_image_mask"] = image0
         out = mask
-        for p in self._bias_layers[i]:  # plugins that shape the attention come first (see __init__)
+        for p in self._bias_layers[i]:  # plugins that shape the attention come first (see _install_llm)
             bias = p.attention_bias(i, q, kv, ctx)
             if bias is None:
                 continue
