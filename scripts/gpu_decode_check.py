@@ -27,16 +27,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1, help="prompts per generate call (decoding rows only)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sh = shapes(args.tiny)
     model = tiny_llava(**sh, attn="sdpa", device=device, dtype=dtype)
-    batch = {k: v.to(device) for k, v in make_batch(model, 1, seed=0, prompt_lens=[32]).items()}
+    batch = {k: v.to(device) for k, v in make_batch(model, args.batch, seed=0, prompt_lens=[32] * args.batch).items()}
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     n = args.new_tokens
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
-    print("\n| decoding (batch 1) | ms per generated token |\n|---|---|")
+    print(f"\n| decoding (batch {args.batch}) | ms per generated token |\n|---|---|")
     for spec in ("beam:num_beams=5", "opera:num_beams=5", "greedy"):
         with mmtoken.apply(model, spec):
             def gen(**kw):
@@ -44,6 +45,8 @@ def main():
                     model.generate(**batch, do_sample=False, **kw)
             per = decode_time_per_token(gen, device, n, 3)
         print(f"| `{spec}` | {per * 1e3:.1f} |", flush=True)
+    if args.batch > 1:
+        return
     layers = model.config.text_config.num_hidden_layers
     full_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     text = batch["input_ids"].shape[1] - full_tokens
