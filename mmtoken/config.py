@@ -213,6 +213,27 @@ class BudgetConfig(PluginConfig):
             return n
         return max(1, min(n, int(round(keep * n))))
 
+    def view_budgets(self, sizes: list[int], default_keep: float | None = None) -> list[int]:
+        """Per-view budgets of one image whose views (the base image and each AnyRes crop; one view for
+        LLaVA-1.5) hold ``sizes`` tokens: ``keep`` applies to every view alike; ``tokens``, a count per
+        image, is shared among the views in proportion to their sizes (largest remainders), each view
+        keeping at least one token."""
+        if self.tokens is None or len(sizes) <= 1:
+            return [self.budget(n, default_keep) for n in sizes]
+        total = min(sum(sizes), max(self.tokens, len(sizes)))
+        exact = [total * n / sum(sizes) for n in sizes]
+        out = [max(1, min(n, int(e))) for e, n in zip(exact, sizes)]
+        by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+        while sum(out) < total:
+            i = next(i for i in by_remainder if out[i] < sizes[i])
+            out[i] += 1
+            by_remainder.remove(i)
+            by_remainder.append(i)
+        while sum(out) > total:
+            i = max(range(len(out)), key=lambda i: out[i])
+            out[i] -= 1
+        return out
+
     @property
     def has_budget(self) -> bool:
         return self.keep is not None or self.tokens is not None

@@ -18,7 +18,8 @@ given — ours: ``deep=-2`` (the feature layer), ``shallow=1``, ``threshold=0.9`
 ``[1, N]``. Sampling uses ``torch.Generator().manual_seed(seed + view index)``, so a run is reproducible and
 independent of the batch. With the common budget (``keep`` / ``tokens`` per view), the sampled count is
 set to ``budget - |outliers|`` (at least 0) instead of ``density x N``, so plugins compare at equal
-budgets; the outliers are always kept.
+budgets (``keep`` per view; ``tokens``, a count per image, shared among the views by size); the outliers
+are always kept.
 """
 
 from __future__ import annotations
@@ -95,9 +96,11 @@ class CorrCompPlugin(Plugin):
         shallow = tokens.require("cls_attn", c.shallow)
         keys = tokens.require("keys", c.shallow)
         keep = []
-        for view, idx in tokens.views():
+        views = tokens.views()
+        budgets = c.view_budgets([int(idx.numel()) for _, idx in views])
+        for (view, idx), budget in zip(views, budgets):
             n_sample = None
             if c.has_budget:
-                n_sample = c.budget(idx.numel()) - int(iqr_outliers(deep[idx]).numel())
+                n_sample = budget - int(iqr_outliers(deep[idx]).numel())
             keep.append(idx[corrcomp_select(deep[idx], shallow[idx], keys[idx], c.threshold, c.seed + view, n_sample)])
         return Selection(keep=torch.cat(keep))

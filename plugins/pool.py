@@ -2,8 +2,9 @@
 
 Each view (the image, or each AnyRes crop and the base image) is a ``rows x cols`` grid of projected
 tokens; it is average-pooled to ``ceil(rows/stride) x ceil(cols/stride)`` (``stride=2``: 2x2 pooling), or,
-with a budget, adaptively pooled to ``round(rows*sqrt(keep)) x round(cols*sqrt(keep))`` (``tokens=n``:
-``keep = n / (rows*cols)``). A pooled token takes the place of its window's first token, so the spatial
+with a budget, adaptively pooled to ``round(rows*sqrt(keep)) x round(cols*sqrt(keep))`` (``tokens=n``, a
+count per image: ``keep = n / (rows*cols*views)``; the rounding of each side makes the count approximate,
+e.g. ``tokens=10`` on an 8 x 8 grid keeps 3 x 3). A pooled token takes the place of its window's first token, so the spatial
 layout (and AnyRes newlines) is kept. Tokens missing from a view's grid (AnyRes unpadding) are left out of
 the windows that would contain them.
 """
@@ -50,19 +51,20 @@ class PoolPlugin(Plugin):
     stages = ("visual",)
     Config = PoolConfig
 
-    def out_grid(self, rows: int, cols: int) -> tuple[int, int]:
+    def out_grid(self, rows: int, cols: int, n_views: int = 1) -> tuple[int, int]:
         c = self.config
         if not c.has_budget:
             return math.ceil(rows / c.stride), math.ceil(cols / c.stride)
-        keep = c.keep if c.keep is not None else min(1.0, c.tokens / (rows * cols))
+        keep = c.keep if c.keep is not None else min(1.0, c.tokens / (rows * cols * n_views))
         s = math.sqrt(keep)
         return max(1, min(rows, round(rows * s))), max(1, min(cols, round(cols * s)))
 
     def select(self, tokens: VisualTokens) -> Selection:
         keep, feats = [], []
         rows, cols = tokens.grid
-        oh, ow = self.out_grid(rows, cols)
-        for _, idx in tokens.views():
+        views = tokens.views()
+        oh, ow = self.out_grid(rows, cols, len(views))
+        for _, idx in views:
             if oh == rows and ow == cols:
                 keep.append(idx)
                 feats.append(tokens.features[idx])

@@ -11,7 +11,8 @@ Budget: ``tokens``/``keep`` gives the total, split ``dominant = total - contextu
 ``contextual = round(total * contextual_ratio)`` (official LLaVA-1.5 64 = 54 + 10: ratio 10/64). Choices
 we made: the official code counts the CLS token as one of the dominant tokens; the Hugging Face LLaVA
 path drops CLS before the projector, so all ``dominant`` tokens here are patches. On AnyRes models the
-budget applies per view (base image and each crop), as VisionZip does for LLaVA-NeXT; contextual tokens
+budget applies per view (base image and each crop), as VisionZip does for LLaVA-NeXT (``keep`` to every
+view; ``tokens``, a count per image, shared among the views by size); contextual tokens
 of every view follow the image's kept tokens.
 """
 
@@ -70,8 +71,8 @@ class VisionZipPlugin(Plugin):
     def visual_request(self) -> VisualRequest:
         return VisualRequest(cls_attn=(self.config.layer,), keys=(self.config.layer,))
 
-    def split(self, n: int) -> tuple[int, int]:
-        total = self.config.budget(n, default_keep=64 / 576)
+    def split(self, total: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens of a view keeping ``total``."""
         contextual = int(round(total * self.config.contextual_ratio))
         if total > 1:
             contextual = min(contextual, total - 1)
@@ -85,8 +86,10 @@ class VisionZipPlugin(Plugin):
         keys = tokens.require("keys", layer)
         heads = self.config.num_heads or tokens.vit_heads
         keep, extra = [], []
-        for _, idx in tokens.views():
-            dom, ctx = visionzip_select(attn[idx], keys[idx], tokens.vision_features[idx], *self.split(idx.numel()), heads)
+        views = tokens.views()
+        budgets = self.config.view_budgets([int(idx.numel()) for _, idx in views], default_keep=64 / 576)
+        for (_, idx), total in zip(views, budgets):
+            dom, ctx = visionzip_select(attn[idx], keys[idx], tokens.vision_features[idx], *self.split(total), heads)
             keep.append(idx[dom])
             extra.append(ctx)
         return Selection(keep=torch.cat(keep), extra_vision=torch.cat(extra))

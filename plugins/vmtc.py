@@ -13,8 +13,9 @@ as parameters:
    the projector, then projected), appended after the primary tokens. An empty cluster contributes the
    token nearest to its centroid. The LLM thus receives exactly ``primary + k`` tokens per view.
 
-Budget: ``tokens`` / ``keep`` set ``primary + k`` per view, split by ``cluster_ratio`` (default 0.25 of
-the budget goes to clusters); or give ``primary`` and ``k`` directly. The cross-modal attention
+Budget: ``keep`` sets ``primary + k`` of every view, ``tokens`` (a count per image) is shared among an
+AnyRes image's views by size; each view's share is split by ``cluster_ratio`` (default 0.25 of it goes
+to clusters). Or give ``primary`` and ``k`` directly (per view). The cross-modal attention
 inhibition half is the separate ``cmai`` plugin.
 """
 
@@ -92,19 +93,21 @@ class VMTCPlugin(Plugin):
     def visual_request(self) -> VisualRequest:
         return VisualRequest(cls_attn=(self.config.layer,))
 
-    def split(self, n: int) -> tuple[int, int]:
+    def split(self, total: int) -> tuple[int, int]:
+        """(primary, clusters) of a view keeping ``total`` tokens (``primary=`` / ``k=`` when given)."""
         c = self.config
         if c.primary is not None:
             return c.primary, c.k
-        total = c.budget(n, default_keep=0.25)
         k = min(total - 1, int(round(total * c.cluster_ratio))) if total > 1 else 0
         return total - k, k
 
     def select(self, tokens: VisualTokens) -> Selection:
         importance = tokens.require("cls_attn", self.config.layer)
         keep, extra = [], []
-        for _, idx in tokens.views():
-            primary, merged = vmtc_select(importance[idx], tokens.vision_features[idx], *self.split(idx.numel()), self.config.iters)
+        views = tokens.views()
+        budgets = self.config.view_budgets([int(idx.numel()) for _, idx in views], default_keep=0.25)
+        for (_, idx), total in zip(views, budgets):
+            primary, merged = vmtc_select(importance[idx], tokens.vision_features[idx], *self.split(total), self.config.iters)
             keep.append(idx[primary])
             extra.append(merged)
         return Selection(keep=torch.cat(keep), extra_vision=torch.cat(extra))

@@ -2,6 +2,8 @@
 
 import torch
 
+import mmtoken
+
 from mmtoken.plugins.fastv import fastv_keep
 from mmtoken.plugins.pool import pool_grid
 from mmtoken.plugins.random import random_subset
@@ -68,3 +70,34 @@ def test_visionzip_dominant_and_contextual():
     # rest = [0, 2, 4, 5]; targets every 2nd of the rest: tokens 0 and 4. Token 2 (key [1, .1]) is closer
     # to 4 ([.9, .1]) than to 0 ([1, 0]); token 5 ([.1, 1]) too. So the groups are {0} and {4, 2, 5}.
     assert torch.allclose(ctx.flatten(), torch.tensor([0.0, (4 + 2 + 5) / 3]))
+
+
+def test_a_token_count_is_shared_among_an_images_views():
+    from mmtoken.plugins.visionzip import VisionZipConfig
+
+    c = VisionZipConfig(tokens=30)
+    assert c.view_budgets([144]) == [30]
+    got = c.view_budgets([144, 144, 144, 100])
+    assert sum(got) == 30 and got[:3] == [8, 8, 8] and got[3] == 6  # by size, largest remainders
+    assert c.view_budgets([1, 144]) == [1, 29]  # every view keeps at least one token
+    assert VisionZipConfig(tokens=2).view_budgets([144, 144, 144]) == [1, 1, 1]  # at least one per view
+    assert VisionZipConfig(keep=0.25).view_budgets([144, 100]) == [36, 25]  # keep applies to each view
+
+
+def test_anyres_token_budgets_are_per_image_for_every_plugin(llava_next):
+    """``tokens=n`` counts per image on AnyRes models too: view-wise plugins keep about what a random
+    subset of n tokens keeps (the same n content tokens, newlines aside)."""
+    from mmtoken.testing import make_next_batch
+
+    s = llava_next.config.vision_config.image_size
+    batch = make_next_batch(llava_next, [(2 * s, s), (s, s)], seed=7)
+
+    def kept(spec):
+        with torch.no_grad(), mmtoken.apply(llava_next, spec) as h:
+            llava_next(**batch)
+            return h.stats.image_tokens_out
+
+    ref = kept("random:tokens=30")
+    for spec in ("visionzip:tokens=30", "corrcomp:tokens=30", "vmtc:tokens=30"):
+        assert all(abs(a - r) <= 0.2 * r for a, r in zip(kept(spec), ref)), (spec, kept(spec), ref)
+    assert all(a <= r for a, r in zip(kept("pool:tokens=30"), ref))  # pooled grids round each side down here
