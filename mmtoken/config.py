@@ -234,6 +234,12 @@ class BudgetConfig(PluginConfig):
             out[i] -= 1
         return out
 
+    def per_view(self, tokens: Any, default_keep: float | None = None) -> list[tuple[int, Any, int]]:
+        """``(view, indices, budget)`` for every view of one image's ``VisualTokens`` (:meth:`view_budgets`)."""
+        views = tokens.views()
+        budgets = self.view_budgets([int(idx.numel()) for _, idx in views], default_keep)
+        return [(view, idx, budget) for (view, idx), budget in zip(views, budgets)]
+
     @property
     def has_budget(self) -> bool:
         return self.keep is not None or self.tokens is not None

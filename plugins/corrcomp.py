@@ -96,9 +96,7 @@ class CorrCompPlugin(Plugin):
         shallow = tokens.require("cls_attn", c.shallow)
         keys = tokens.require("keys", c.shallow)
         keep = []
-        views = tokens.views()
-        budgets = c.view_budgets([int(idx.numel()) for _, idx in views])
-        for (view, idx), budget in zip(views, budgets):
+        for view, idx, budget in c.per_view(tokens):
             n_sample = None
             if c.has_budget:
                 n_sample = budget - int(iqr_outliers(deep[idx]).numel())

@@ -192,7 +192,7 @@ class _SharedCache:
         self.extra = torch.zeros(prompt_mask.shape[0], 0, dtype=torch.bool, device=prompt_mask.device)
 
     @property
-    def rows(self) -> int:
+    def n_rows(self) -> int:
         return self.prompt_mask.shape[0]
 
     def crop(self, sample: Any, n: int) -> None:
@@ -505,8 +505,8 @@ class OperaPlugin(Plugin):
 
         return GenerateBeamDecoderOnlyOutput(sequences=sequences, logits=(torch.cat(firsts),) if want_logits else None)
 
-    def _forward(self, model: Any, **kw: Any) -> Any:
-        return model(**kw, use_cache=True, return_dict=True, logits_to_keep=1)
+    def _forward(self, model: Any, logits_to_keep: int = 1, **kw: Any) -> Any:
+        return model(**kw, use_cache=True, return_dict=True, logits_to_keep=logits_to_keep)
 
     def _candidates(self, model: Any, shared: _SharedCache, cands: Tensor, pos: Tensor) -> tuple[Any, Tensor]:
         """Feed every row's candidates ``[R, n]`` at once, each at the row's next position ``pos`` ``[R]`` and
@@ -517,8 +517,8 @@ class OperaPlugin(Plugin):
         r, n = cands.shape
         self._n_candidates, self._rows = n, None
         try:
-            out = model(input_ids=cands, attention_mask=shared.mask(torch.ones(r, n, dtype=torch.bool, device=cands.device)),
-                        position_ids=pos[:, None].expand(r, n), cache=shared.cache, use_cache=True, return_dict=True, logits_to_keep=n)
+            out = self._forward(model, n, input_ids=cands, attention_mask=shared.mask(torch.ones(r, n, dtype=torch.bool, device=cands.device)),
+                                position_ids=pos[:, None].expand(r, n), cache=shared.cache)
         finally:
             self._n_candidates = 0
         if self._rows is None:
@@ -533,9 +533,9 @@ class OperaPlugin(Plugin):
         if w_max == 0:
             return None
         dev = shared.prompt_mask.device
-        ids = torch.full((shared.rows, w_max), pad, dtype=torch.long, device=dev)
-        new = torch.zeros(shared.rows, w_max, dtype=torch.bool, device=dev)
-        pos = torch.zeros(shared.rows, w_max, dtype=torch.long, device=dev)
+        ids = torch.full((shared.n_rows, w_max), pad, dtype=torch.long, device=dev)
+        new = torch.zeros(shared.n_rows, w_max, dtype=torch.bool, device=dev)
+        pos = torch.zeros(shared.n_rows, w_max, dtype=torch.long, device=dev)
         first = shared.extra.shape[1]
         for s, tokens in feeds:
             w = int(tokens.shape[1])

@@ -86,9 +86,7 @@ class VisionZipPlugin(Plugin):
         keys = tokens.require("keys", layer)
         heads = self.config.num_heads or tokens.vit_heads
         keep, extra = [], []
-        views = tokens.views()
-        budgets = self.config.view_budgets([int(idx.numel()) for _, idx in views], default_keep=64 / 576)
-        for (_, idx), total in zip(views, budgets):
+        for _, idx, total in self.config.per_view(tokens, default_keep=64 / 576):
             dom, ctx = visionzip_select(attn[idx], keys[idx], tokens.vision_features[idx], *self.split(total), heads)
             keep.append(idx[dom])
             extra.append(ctx)

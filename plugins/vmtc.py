@@ -104,9 +104,7 @@ class VMTCPlugin(Plugin):
     def select(self, tokens: VisualTokens) -> Selection:
         importance = tokens.require("cls_attn", self.config.layer)
         keep, extra = [], []
-        views = tokens.views()
-        budgets = self.config.view_budgets([int(idx.numel()) for _, idx in views], default_keep=0.25)
-        for (_, idx), total in zip(views, budgets):
+        for _, idx, total in self.config.per_view(tokens, default_keep=0.25):
             primary, merged = vmtc_select(importance[idx], tokens.vision_features[idx], *self.split(total), self.config.iters)
             keep.append(idx[primary])
             extra.append(merged)

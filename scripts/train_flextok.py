@@ -144,10 +144,6 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    cfg = FlexTokConfig(image_size=args.image_size, patch=args.patch, dim=args.dim, heads=4, enc_layers=args.layers,
-                        dec_layers=args.layers, registers=args.registers, levels=[int(v) for v in args.levels.split(",")],
-                        p_pure_noise=args.p_pure_noise, latent_channels=args.latent_channels,
-                        ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise)
     if args.init:
         if args.ae_from:
             raise SystemExit("--init keeps the loaded tokenizer's auto-encoder: drop --ae-from")
@@ -155,20 +151,22 @@ def main(argv=None):
         tok.config.p_pure_noise = args.p_pure_noise
         args.image_size = tok.config.image_size  # the architecture is the loaded one's
     else:
-        tok = FlexTok(cfg)
+        tok = FlexTok(FlexTokConfig(
+            image_size=args.image_size, patch=args.patch, dim=args.dim, heads=4, enc_layers=args.layers, dec_layers=args.layers,
+            registers=args.registers, levels=[int(v) for v in args.levels.split(",")], p_pure_noise=args.p_pure_noise,
+            latent_channels=args.latent_channels, ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise,
+        ))
     held = images(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size)
     curve = {"args": vars(args), "ae_train": [], "ae_eval": [], "train": [], "eval": []}
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     data = None
     if tok.ae is not None:
-        if args.init:
-            pass  # the loaded tokenizer's auto-encoder
-        elif args.ae_from:
+        if args.ae_from:
             from safetensors.torch import load_file
 
             tok.ae.load_state_dict(load_file(args.ae_from))
-        else:
+        elif not args.init:  # --init keeps the loaded tokenizer's auto-encoder
             train_ae(tok, args, held, curve)
         curve["ae_psnr"] = ae_psnr(tok, held)
         print(f"auto-encoder: {curve['ae_psnr']:.2f} dB on {args.eval_n} held-out scenes ({time.time() - t0:.0f}s)", flush=True)

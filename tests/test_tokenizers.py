@@ -49,6 +49,17 @@ def test_register_j_ignores_later_registers():
     assert torch.equal(got[:, :5], ref[:, :5]) and not torch.equal(got[:, 5:], ref[:, 5:])
 
 
+def _decode_ignores_ids_beyond_k(tok, ids, k):
+    """Decode ``ids[:, :k]``: changing the ids after ``k`` changes nothing, the ``k + 1``-th token does."""
+    a = tok.decode(ids[:, :k], steps=3)
+    other = ids.clone()
+    other[:, k:] = (other[:, k:] + 7) % 25
+    assert torch.equal(a, tok.decode(other[:, :k], steps=3))
+    assert not torch.equal(a, tok.decode(ids[:, : k + 1], steps=3))
+    assert a.min() >= 0 and a.max() <= 1
+    return a
+
+
 def test_decoding_k_tokens_ignores_registers_beyond_k(tmp_path):
     tok = _tiny()
     with torch.no_grad():
@@ -56,12 +67,8 @@ def test_decoding_k_tokens_ignores_registers_beyond_k(tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     ids = tok.encode(torch.rand(2, 3, 16, 16))
     assert ids.shape == (2, 8) and ids.dtype == torch.long
-    a = tok.decode(ids[:, :3], steps=3)
-    other = ids.clone()
-    other[:, 3:] = (other[:, 3:] + 7) % 25
-    assert torch.equal(a, tok.decode(other[:, :3], steps=3))
-    assert not torch.equal(a, tok.decode(ids[:, :4], steps=3))
-    assert a.shape == (2, 3, 16, 16) and a.min() >= 0 and a.max() <= 1
+    a = _decode_ignores_ids_beyond_k(tok, ids, 3)
+    assert a.shape == (2, 3, 16, 16)
     tok.save_pretrained(str(tmp_path / "t"))
     back = load(str(tmp_path / "t"))
     assert isinstance(back, FlexTok) and torch.equal(back.decode(ids[:, :3], steps=3), a)
@@ -103,12 +110,8 @@ def test_latent_mode_shapes_freezes_the_auto_encoder_and_ignores_ids_beyond_k(tm
     assert torch.allclose(tok.from_flow(z), tok.ae.decode(tok.ae.encode(x * 2 - 1)), atol=1e-5)
     ids = tok.encode(x)
     assert ids.shape == (2, 8)
-    a = tok.decode(ids[:, :3], steps=3)
-    other = ids.clone()
-    other[:, 3:] = (other[:, 3:] + 7) % 25
-    assert torch.equal(a, tok.decode(other[:, :3], steps=3))
-    assert not torch.equal(a, tok.decode(ids[:, :4], steps=3))
-    assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    a = _decode_ignores_ids_beyond_k(tok, ids, 3)
+    assert a.shape == (2, 3, 32, 32)
     tok.train()
     loss = tok.loss(x * 2 - 1)
     loss.backward()
