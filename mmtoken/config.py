@@ -243,3 +243,21 @@ class BudgetConfig(PluginConfig):
     @property
     def has_budget(self) -> bool:
         return self.keep is not None or self.tokens is not None
+
+
+POSITIONS = ("compact", "original")
+
+
+@dataclass
+class ShortenConfig(BudgetConfig):
+    """Config of a plugin that shortens the image span before the LLM (`vision` and `visual` stages).
+
+    ``positions`` sets the position ids the LLM gives the shortened sequence. ``compact`` (default) numbers
+    it afresh, as feeding fewer tokens does in the methods' official code: every token after a removed one
+    moves closer to the text. ``original`` keeps each kept token at the position id it had in the full
+    sequence (a merged token at its first patch's, a newline at its row's), and the text after the image at
+    its own, so RoPE still sees where each token was; removed tokens leave gaps, as after an `llm`-stage
+    drop (FastV, DyVTE), which always keeps the original ids. Plugins composed on one model must agree.
+    """
+
+    positions: str = param("compact", choices=POSITIONS, doc="position ids after shortening: compact | original")

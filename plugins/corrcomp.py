@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmtoken.config import BudgetConfig, param
+from mmtoken.config import ShortenConfig, param
 from mmtoken.plugin import Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualRequest, VisualTokens
 
@@ -73,7 +73,7 @@ def corrcomp_select(deep_attn: Tensor, shallow_attn: Tensor, shallow_keys: Tenso
 
 
 @dataclass
-class CorrCompConfig(BudgetConfig):
+class CorrCompConfig(ShortenConfig):
     deep: int = param(-2, doc="ViT layer of the global (outlier) CLS attention")
     shallow: int = param(1, doc="ViT layer of the sampling CLS attention and the redundancy keys")
     threshold: float = param(0.9, lo=-1.0, hi=1.0, doc="key cosine above which two tokens are near-duplicates")

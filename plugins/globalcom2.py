@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmtoken.config import BudgetConfig, param
+from mmtoken.config import ShortenConfig, param
 from mmtoken.plugin import Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualRequest, VisualTokens
 
@@ -62,7 +62,7 @@ def _l2(x: Tensor) -> Tensor:
 
 
 @dataclass
-class GlobalCom2Config(BudgetConfig):
+class GlobalCom2Config(ShortenConfig):
     r: float | None = param(None, lo=0.0, hi=1.0, lo_open=True, doc="r: retention ratio (default 0.25)")
     tau: float = param(10.0, lo=0.0, lo_open=True, doc="tau: temperature of the crop-budget softmax")
     layer: int = param(-1, doc="ViT layer whose CLS attention scores tokens")

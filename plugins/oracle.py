@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmtoken.config import BudgetConfig, param
+from mmtoken.config import BudgetConfig, ShortenConfig, param
 from mmtoken.plugin import LLMContext, LLMDrop, Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualTokens
 
 
 @dataclass
-class OracleConfig(BudgetConfig):
+class OracleConfig(ShortenConfig):
     pass
 
 

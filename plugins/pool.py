@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmtoken.config import BudgetConfig, param
+from mmtoken.config import ShortenConfig, param
 from mmtoken.plugin import Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualTokens
 
@@ -41,7 +41,7 @@ def pool_grid(features: Tensor, row: Tensor, col: Tensor, out_rows: int, out_col
 
 
 @dataclass
-class PoolConfig(BudgetConfig):
+class PoolConfig(ShortenConfig):
     stride: int = param(2, lo=1, doc="pooling window (stride x stride) when no budget is given")
 
 

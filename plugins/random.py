@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmtoken.config import BudgetConfig, param
+from mmtoken.config import ShortenConfig, param
 from mmtoken.plugin import Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualTokens
 
@@ -24,7 +24,7 @@ def random_subset(n_tokens: int, n_keep: int, seed: int) -> Tensor:
 
 
 @dataclass
-class RandomConfig(BudgetConfig):
+class RandomConfig(ShortenConfig):
     seed: int = param(0, lo=0, doc="seed of the random subset")
 
 

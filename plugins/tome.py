@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmtoken.config import BudgetConfig, param
+from mmtoken.config import ShortenConfig, param
 from mmtoken.plugin import Plugin, VisionContext, register_plugin
 
 
@@ -106,7 +106,7 @@ def bipartite_merge(x: Tensor, metric: Tensor, sizes: Tensor, pos: Tensor, r: in
 
 
 @dataclass
-class ToMeConfig(BudgetConfig):
+class ToMeConfig(ShortenConfig):
     r: int | None = param(None, lo=0, doc="r: tokens merged per ViT layer")
 
     def validate(self) -> None:

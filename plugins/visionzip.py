@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmtoken.config import BudgetConfig, param
+from mmtoken.config import ShortenConfig, param
 from mmtoken.plugin import Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualRequest, VisualTokens
 
@@ -56,7 +56,7 @@ def visionzip_select(cls_attn: Tensor, keys: Tensor, vision_features: Tensor, n_
 
 
 @dataclass
-class VisionZipConfig(BudgetConfig):
+class VisionZipConfig(ShortenConfig):
     layer: int = param(-2, doc="ViT layer whose CLS attention and keys are used")
     contextual_ratio: float = param(10 / 64, lo=0.0, hi=1.0, doc="share of the budget given to contextual tokens")
     num_heads: int = param(0, lo=0, doc="heads to average keys over (0: the vision tower's own)")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmtoken.config import BudgetConfig, param
+from mmtoken.config import ShortenConfig, param
 from mmtoken.errors import ConfigError
 from mmtoken.plugin import Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualRequest, VisualTokens
@@ -70,7 +70,7 @@ def vmtc_select(importance: Tensor, features: Tensor, n_primary: int, k: int, it
 
 
 @dataclass
-class VMTCConfig(BudgetConfig):
+class VMTCConfig(ShortenConfig):
     primary: int | None = param(None, lo=0, doc="primary tokens kept as they are, per view")
     k: int | None = param(None, lo=0, doc="k: clusters merged into one token each, per view")
     cluster_ratio: float = param(0.25, lo=0.0, hi=1.0, doc="share of the budget given to clusters")

@@ -105,6 +105,7 @@ class SeqPlan:
     orig_len: int  # length of the attention mask generate() keeps (original placeholders)
     new_mask: Tensor  # [B, L0] mask of the sequence the LLM really received
     shift: Tensor  # [B] original real tokens minus received real tokens
+    pos_shift: Tensor | None = None  # [B] what decode subtracts from generate()'s position ids (None: shift)
     layers: dict[int, LayerPlan] = field(default_factory=dict)
     image_mask: Tensor | None = None  # [B, L0] which received positions are visual tokens
 
@@ -167,6 +168,9 @@ class ImageMeta:
     keys: dict[int, Tensor]
     packed_row: Tensor | None = None  # [T] row of the hi-res grid (AnyRes crops), -1 for base tokens
     newline: Tensor | None = None  # [D] the newline embedding (AnyRes)
+    run_offset: Tensor | None = None  # [T] each token's offset in the image's unshortened placeholder run
+    run_len: int = 0  # length of that run
+    newline_offset: Tensor | None = None  # [lines] offset of each hi-res row's newline in that run (AnyRes)
 
 
 @dataclass
@@ -269,6 +273,12 @@ class LlavaAdapter:
         by_stage = {s: [p for p in plugins if s in p.stages] for s in ("vision", "visual", "llm", "attention", "decode")}
         self._visual = by_stage["visual"]
         self._llm = by_stage["llm"]
+        modes = {(p.name, p.config.positions) for p in by_stage["vision"] + self._visual if hasattr(p.config, "positions")}
+        if len({m for _, m in modes}) > 1:
+            raise CompositionError(
+                "plugins disagree on positions= (" + ", ".join(f"{n}: {m}" for n, m in sorted(modes)) + "); give all the same"
+            )
+        self._positions = next(iter(modes))[1] if modes else "compact"
         self._attn = by_stage["attention"]
         req = VisualRequest()
         for p in self._visual:
@@ -436,9 +446,11 @@ class LlavaAdapter:
             if vs.pos is not None:
                 pos = vs.pos[i, 1:] if self.has_cls() else vs.pos[i]
                 sizes = vs.sizes[i, 1:] if self.has_cls() else vs.sizes[i]
+                run_len = h * w
             else:
                 pos = torch.arange(t, device=f.device)
                 sizes = torch.ones(t, device=f.device)
+                run_len = t
             self._meta[id(f)] = ImageMeta(
                 n_content=t,
                 content_pos=torch.arange(t, device=f.device),
@@ -452,6 +464,8 @@ class LlavaAdapter:
                 cls_attn={k: v[i] for k, v in attn_t.items()},
                 cls_logits={k: v[i] for k, v in logit_t.items()},
                 keys={k: v[i] for k, v in key_t.items()},
+                run_offset=pos.long(),
+                run_len=run_len,
             )
 
     def _tokens_of(self, feat: Tensor) -> tuple[VisualTokens, ImageMeta]:
@@ -499,10 +513,13 @@ class LlavaAdapter:
             if sel.extra_vision is not None:
                 with torch.no_grad():
                     extras.append(self.base.multi_modal_projector(sel.extra_vision.unsqueeze(0))[0].to(feat.dtype))
-        return self._assemble(tokens.features, meta, alive, extras)
+        out, offsets = self._assemble(tokens.features, meta, alive, extras)
+        self._offsets[id(out)] = offsets
+        return out
 
-    def _assemble(self, kept: Tensor, meta: ImageMeta, alive: Tensor, extras: list[Tensor]) -> Tensor:
-        return torch.cat([kept] + extras, dim=0)
+    def _assemble(self, kept: Tensor, meta: ImageMeta, alive: Tensor, extras: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The features the LLM receives for one image and each one's offset in the unshortened run."""
+        return torch.cat([kept] + extras, dim=0), _with_extras(meta.run_offset[alive], meta.run_len, extras)
 
     # -- the base model's forward: sequence rewriting, decode translation -----------------------
     def _wrap_forward(self, orig: Callable) -> Callable:
@@ -539,7 +556,9 @@ class LlavaAdapter:
         image_out = mm.get("image")
         feats = list(image_out.pooler_output) if image_out is not None else []
         self.stats = Stats(image_tokens_in=[int(f.shape[0]) for f in feats])
-        new_feats = [self._select(f) for f in feats] if self._visual else feats
+        self._offsets = {}
+        shorten = self._visual or (self._positions == "original" and feats)
+        new_feats = [self._select(f) for f in feats] if shorten else feats
         self.stats.image_tokens_out = [int(f.shape[0]) for f in new_feats]
         attention_mask = a.get("attention_mask")
         plan = None
@@ -597,34 +616,51 @@ class LlavaAdapter:
         if all(n.shape[0] == length for n, length in zip(new_feats, lengths)):
             return None
         right_padded = bool((am[:, -1] == 0).any()) and bool((am[:, 0] == 1).all())
-        rows, k = [], 0
+        original = self._positions == "original"
+        opos = am.long().cumsum(-1) - 1  # position ids of the full sequence
+        rows, prow, k = [], [], 0
         for i in range(b):
             row_ids: list[Tensor] = []
+            row_pos: list[Tensor] = []
             cursor = 0
             for start, length in runs[i]:
-                row_ids.append(ids[i, cursor:start][am[i, cursor:start].bool()])
+                real = am[i, cursor:start].bool()
+                row_ids.append(ids[i, cursor:start][real])
                 row_ids.append(torch.full((new_feats[k].shape[0],), self.image_token_id, dtype=ids.dtype, device=ids.device))
+                if original:
+                    row_pos.append(opos[i, cursor:start][real])
+                    row_pos.append(opos[i, start] + self._offsets[id(new_feats[k])].to(opos.device))
                 cursor = start + length
                 k += 1
             row_ids.append(ids[i, cursor:][am[i, cursor:].bool()])
             rows.append(torch.cat(row_ids))
+            if original:
+                row_pos.append(opos[i, cursor:][am[i, cursor:].bool()])
+                prow.append(torch.cat(row_pos))
         lmax = max(int(r.numel()) for r in rows)
         pad_id = self.config.text_config.pad_token_id
         pad_id = int(pad_id) if pad_id is not None else 0
         new_ids = torch.full((b, lmax), pad_id, dtype=ids.dtype, device=ids.device)
         new_mask = torch.zeros((b, lmax), dtype=am.dtype, device=am.device)
+        new_pos = torch.zeros((b, lmax), dtype=torch.long, device=ids.device)
         for i, r in enumerate(rows):
             n = r.numel()
             sl = slice(0, n) if right_padded else slice(lmax - n, lmax)
             new_ids[i, sl] = r
             new_mask[i, sl] = 1
+            if original:
+                new_pos[i, sl] = prow[i]
         a["input_ids"] = new_ids
         if attention_mask is not None or not bool((new_mask == 1).all()):
             a["attention_mask"] = new_mask
+        shift = am.long().sum(-1) - new_mask.long().sum(-1)
+        if original:  # always explicit: the model's default would number the shortened sequence afresh
+            given = a.get("position_ids")
+            a["position_ids"] = new_pos if given is None or given.dim() == 2 else new_pos.expand(given.shape[0], b, lmax)
+            return SeqPlan(orig_len=l, new_mask=new_mask, shift=shift, pos_shift=torch.zeros_like(shift))
         if a.get("position_ids") is not None:
             pos = new_mask.long().cumsum(-1) - 1
             a["position_ids"] = pos.masked_fill(new_mask == 0, 0)
-        shift = am.long().sum(-1) - new_mask.long().sum(-1)
         return SeqPlan(orig_len=l, new_mask=new_mask, shift=shift)
 
     def _remember(self, cache: Any, plan: SeqPlan) -> None:
@@ -646,11 +682,15 @@ class LlavaAdapter:
             am = torch.cat([plan.new_mask.to(am.dtype), am[:, plan.orig_len :]], dim=1)
             a["attention_mask"] = am
         pos = a.get("position_ids")
+        shift = plan.shift if plan.pos_shift is None else plan.pos_shift
         if pos is not None:
-            a["position_ids"] = pos - plan.shift.to(pos.device).view(-1, *([1] * (pos.dim() - 1)))
+            a["position_ids"] = pos - shift.to(pos.device).view(-1, *([1] * (pos.dim() - 1)))
         ids = a.get("input_ids")
         ref = ids if ids is not None else a["inputs_embeds"][..., 0]
         b, q = ref.shape[0], ref.shape[1]
+        if pos is None and plan.pos_shift is not None:  # the model would count from the shortened cache
+            past = cache.get_seq_length()
+            a["position_ids"] = past + plan.shift.to(ref.device).view(-1, 1) + torch.arange(q, device=ref.device)
         step = am if am is not None and am.dim() == 2 else torch.ones(b, cache.get_seq_length() + q, dtype=torch.long, device=ref.device)
         self._run = RunState(mode="decode", plan=plan, step_mask2d=step.bool())
         try:
@@ -874,6 +914,16 @@ class LlavaAdapter:
             probs = llm_attention_rows(module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"), rows)
         run.rows[i] = (probs.mean(1), rows)
         return None
+
+
+def _with_extras(offsets: Tensor, run_len: int, extras: list[Tensor]) -> Tensor:
+    """``offsets`` followed by those of the ``extras`` (tokens a plugin adds after the kept ones, e.g.
+    VisionZip's contextual tokens): the last offsets of the run, in order."""
+    n_extra = sum(int(e.shape[0]) for e in extras)
+    if not n_extra:
+        return offsets
+    tail = torch.arange(run_len - n_extra, run_len, device=offsets.device).clamp_min(0)
+    return torch.cat([offsets, tail])
 
 
 def _host_counts(counts: dict[int, Tensor | None]) -> dict[int, list[int]]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..plugin import Plugin
-from .llava import ImageMeta, LlavaAdapter
+from .llava import ImageMeta, LlavaAdapter, _with_extras
 
 
 @dataclass
@@ -79,12 +79,13 @@ class LlavaNextAdapter(LlavaAdapter):
         view_offset = 0
         for i, f in enumerate(feats):
             if merged is not None:
-                content_pos, view, patch, line, sizes, n_views, crop_grid, src = merged[i]
+                content_pos, view, patch, line, sizes, n_views, crop_grid, src, run_offset, layout = merged[i]
                 vis = proj_in[view_offset + view, src] if proj_in is not None else f[content_pos]
             else:
                 layout = self._layout(image_sizes[i])
                 n_views, crop_grid = layout.n_views, layout.crop_grid
                 content_pos, values, line, _ = layout.content()
+                run_offset = content_pos
                 view, patch = values // n, values % n
                 if n_views > 1:
                     line = torch.where(view == 0, torch.full_like(line, -1), line)
@@ -101,13 +102,23 @@ class LlavaNextAdapter(LlavaAdapter):
                 cls_logits={k: v[gidx, src] for k, v in logit_t.items()},
                 keys={k: v[gidx, src] for k, v in key_t.items()},
                 packed_row=line.to(dev), newline=self.base.image_newline,
+                run_offset=run_offset.to(dev), run_len=int(layout.code.numel()),
+                newline_offset=(layout.code < 0).nonzero().flatten().to(dev),
             )
             view_offset += n_views
         self._merged_layouts = None
 
-    def _assemble(self, kept: Tensor, meta: ImageMeta, alive: Tensor, extras: list[Tensor]) -> Tensor:
-        packed, _ = with_newlines(kept, meta.packed_row[alive], meta.newline)
-        return torch.cat([packed] + extras, dim=0)
+    def _assemble(self, kept: Tensor, meta: ImageMeta, alive: Tensor, extras: list[Tensor]) -> tuple[Tensor, Tensor]:
+        lines = meta.packed_row[alive]
+        packed, pos = with_newlines(kept, lines, meta.newline)
+        offsets = torch.full((packed.shape[0],), -1, dtype=torch.long, device=packed.device)
+        offsets[pos] = meta.run_offset[alive]
+        if packed.shape[0] > kept.shape[0]:  # newlines: each at its row's newline in the full run
+            slot_line = torch.full_like(offsets, -1)
+            slot_line[pos] = lines.to(offsets.device)
+            nl = (offsets < 0).nonzero().flatten()
+            offsets[nl] = meta.newline_offset[slot_line[nl - 1]]
+        return torch.cat([packed] + extras, dim=0), _with_extras(offsets, meta.run_len, extras)
 
 
 def with_newlines(tokens: Tensor, lines: Tensor, newline: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -165,7 +176,8 @@ def _merged_pack(adapter: LlavaNextAdapter):
             packed, packed_pos = with_newlines(flat, tok_line, image_newline)
             out.append(packed)
             lens.append(packed.shape[0])
-            layouts.append((packed_pos.cpu(), vw, patch, tok_line, size.flatten()[order], layout.n_views, layout.crop_grid, src))
+            layouts.append((packed_pos.cpu(), vw, patch, tok_line, size.flatten()[order], layout.n_views, layout.crop_grid, src,
+                            r[order], layout))
             offset += v
         adapter._merged_layouts = layouts
         return out, torch.tensor(lens, dtype=torch.long, device=image_features[0].device)
