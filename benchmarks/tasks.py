@@ -123,8 +123,8 @@ def format_scores(item: Item, prediction: str) -> dict[str, float]:
     fmt = item.meta["family"]
     target = item.answers[0]
     pred = prediction.strip()
-    if fmt == "upper":
-        ok = pred.isupper() and len(pred.split()) == 1
+    if fmt == "upper":  # no lower-case letter: digits (counts) have no case and comply as they are
+        ok = pred == pred.upper() and len(pred.split()) == 1
         content = pred.lower()
         truth = target.lower()
     elif fmt == "json":

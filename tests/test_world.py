@@ -145,6 +145,17 @@ def test_format_scoring():
     assert format_scores(js, '{ "answer" : "red" }') == {"compliance": 1.0, "accuracy": 1.0}
     assert format_scores(js, '{ "answer" : red }') == {"compliance": 0.0, "accuracy": 0.0}
     assert format_scores(word, "red circle") == {"compliance": 0.0, "accuracy": 0.0}
+    count = Item("c", None, "q", ["3"], {"family": "upper"})
+    assert format_scores(count, "3") == {"compliance": 1.0, "accuracy": 1.0}
+    assert format_scores(up, "Red") == {"compliance": 0.0, "accuracy": 0.0}
+
+
+def test_every_reference_answer_complies():
+    from mmtoken.benchmarks.tasks import get_bench_task
+
+    task = get_bench_task("synth-format")
+    for item in task.items(600):
+        assert task.per_sample(item, item.answers[0])["compliance"] == 1.0, (item.meta, item.answers)
 
 
 # ---------------------------------------------------------------------------------------------------
