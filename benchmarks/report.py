@@ -50,8 +50,10 @@ def write_tables(summary: dict, out: str) -> None:
 
 
 def family(method: str) -> str:
-    """``"tome:keep=0.5+fastv:k=2"`` -> ``"tome+fastv"``: the curve a row belongs to."""
-    return "+".join(part.split(":")[0] for part in method.split("+"))
+    """``"tome:keep=0.5+fastv:k=2"`` -> ``"tome+fastv"``: the curve a row belongs to; rows with
+    ``positions=original`` form their own curve (``"tome (orig. pos.)"``)."""
+    name = "+".join(part.split(":")[0] for part in method.split("+"))
+    return name + " (orig. pos.)" if "positions=original" in method else name
 
 
 def plot_pareto(summary: dict, out: str) -> list[str]:

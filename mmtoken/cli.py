@@ -78,11 +78,16 @@ DEFAULT_METHODS = [
     "none", "random:keep=0.5,0.25,0.11", "pool:stride=2,3", "visionzip:keep=0.5,0.25,0.11",
     "fastv:k=2,keep=0.5,0.25,0.11", "tome:keep=0.5,0.25", "turbo:keep=0.5,0.25", "globalcom2:keep=0.5,0.25,0.11",
     "corrcomp", "corrcomp:keep=0.25", "vmtc:keep=0.25,0.11", "dyvte", "fastv:k=2,keep=0.5+dyvte",
+    # the same shortening with the kept tokens' original position ids (see docs/results.md)
+    "random:keep=0.25,positions=original", "pool:stride=2,positions=original", "visionzip:keep=0.25,positions=original",
+    "tome:keep=0.25,positions=original", "turbo:keep=0.33,0.25,positions=original", "globalcom2:keep=0.25,positions=original",
+    "corrcomp:keep=0.25,positions=original", "vmtc:keep=0.25,positions=original",
 ]
 DEFAULT_TASKS = ["synth-vqa", "synth-pope"]
 # the AnyRes model's rows of the default run: (model, tasks, methods, limit)
 DEFAULT_NEXT = ("tiny-llava-next", ["synth-hires"],
-                ["none", "random:keep=0.25", "visionzip:keep=0.25", "globalcom2:keep=0.25", "corrcomp"], 96)
+                ["none", "random:keep=0.25", "visionzip:keep=0.25", "globalcom2:keep=0.25", "corrcomp",
+                 "globalcom2:keep=0.25,positions=original", "corrcomp:positions=original"], 96)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

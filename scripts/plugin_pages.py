@@ -42,10 +42,11 @@ def table(rows: list[dict]) -> str:
 def measured(name: str, summary: dict) -> list[str]:
     """The page lines for one run: how to reproduce it, the plugin's rows and the baselines beside them."""
     rows = summary["rows"]
-    mine = [r for r in rows if name in family(r["method"]).split("+")]
+    plain = lambda r: family(r["method"]).removesuffix(" (orig. pos.)")  # noqa: E731
+    mine = [r for r in rows if name in plain(r).split("+")]
     if not mine:
         return []
-    others = [r for r in rows if family(r["method"]) in BASELINES - {name}]
+    others = [r for r in rows if plain(r) in BASELINES - {name}]
     env = summary["env"]
     return [f"Model `{mine[0]['model']}`, {env.get('device_name') or env.get('device')}, torch {env['torch']}, "
             f"{env['threads']} threads. Reproduce with:", "", "```bash", env.get("command") or "mmtoken bench", "```", "",
