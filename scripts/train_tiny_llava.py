@@ -145,29 +145,56 @@ def referents(question: str, scene) -> list:
     return list(scene.objects)
 
 
-def referent_mask(question: str, scene, grid: int) -> torch.Tensor:
-    """``[grid * grid]`` 1 for patches whose centre lies in an object the question is about."""
+def object_masks(objects, grid: int) -> list[torch.Tensor]:
+    """``[grid * grid]`` per object: 1 for patches whose centre lies in its box (96-px frame)."""
     step = 96 / grid
     centres = (torch.arange(grid) + 0.5) * step
     cy, cx = torch.meshgrid(centres, centres, indexing="ij")
-    mask = torch.zeros(grid, grid)
-    for o in referents(question, scene):
+    masks = []
+    for o in objects:
         x0, y0, x1, y1 = o.box
-        mask[(cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)] = 1.0
-    return mask.flatten()
+        masks.append(((cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)).float().flatten())
+    return masks
+
+
+def referent_mask(question: str, scene, grid: int) -> torch.Tensor:
+    """``[grid * grid]`` 1 for patches whose centre lies in an object the question is about."""
+    masks = object_masks(referents(question, scene), grid)
+    return torch.stack(masks).amax(0) if masks else torch.zeros(grid * grid)
+
+
+def readout_mask(question: str, scene, grid: int, last: bool) -> torch.Tensor:
+    """``[grid * grid]``: 1 where the readout loss asks for the answer, 0 where it asks for ``<pad>``,
+    -1 where it asks nothing. ``last``: only the referent that comes last in the visual-token order
+    (raster order of its first patch) carries the answer; the other referents are left out. With causal
+    attention over the image span only that object's tokens can see every referent, which answers
+    that compare or count objects (relation, counts) need."""
+    masks = [m for m in object_masks(referents(question, scene), grid) if m.any()]
+    out = torch.zeros(grid * grid)
+    if not masks:
+        return out
+    if not last:
+        return torch.stack(masks).amax(0)
+    first = [int(m.nonzero()[0]) for m in masks]
+    order = sorted(range(len(masks)), key=first.__getitem__)
+    for i in order[:-1]:
+        out[masks[i] > 0] = -1.0
+    out[masks[order[-1]] > 0] = 1.0
+    return out
 
 
 ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
 
 
 def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3,
-            readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1):
+            readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1, readout_last=()):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
     ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
     With ``readout`` (a linear head over the vocabulary), questions about one object's attribute add a
     second dense loss at layer ``readout_layer``: the object's image tokens predict the answer, the other
-    image tokens predict ``<pad>`` (nothing to report). ``drop`` > 0: token-drop augmentation
+    image tokens predict ``<pad>`` (nothing to report); for the families in ``readout_last`` only the
+    last referent's tokens answer (:func:`readout_mask`). ``drop`` > 0: token-drop augmentation
     (:func:`drop_tokens`)."""
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     n_tok = grid * grid
@@ -189,12 +216,16 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     h = out.hidden_states[grounding_layer][is_img]
     aux = F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
     if readout is not None:
+        roles = [readout_mask(s.question, s.scene, grid, s.family in readout_last) if s.family in readout_families
+                 else torch.full((n_tok,), -1.0) for s in samples]
+        role = torch.cat([r[k] for r, k in zip(roles, keeps)])
         sample_of = torch.cat([torch.full((len(k),), i) for i, k in enumerate(keeps)])
-        rows = torch.tensor([s.family in readout_families and bool(m.any()) for s, m in zip(samples, full)])[sample_of]
+        # a sample takes part when one of its referents is in the image
+        rows = torch.tensor([bool((r > 0).any()) for r in roles])[sample_of] & (role >= 0)
         if rows.any():
             answer = torch.tensor([tok.convert_tokens_to_ids(s.answers[0]) if s.family in readout_families else tok.pad_token_id
                                    for s in samples])[sample_of]
-            labels_r = torch.where(target > 0, answer, torch.full_like(answer, tok.pad_token_id))
+            labels_r = torch.where(role > 0, answer, torch.full_like(answer, tok.pad_token_id))
             logits_r = readout(out.hidden_states[readout_layer][is_img][rows])
             aux = aux + F.cross_entropy(logits_r, labels_r[rows])
     return out.loss + aux
@@ -202,21 +233,26 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
 
 @torch.no_grad()
 def evaluate(model, tok, task_names, n, size, batch=50):
-    """Held-out exact-match accuracy per task (greedy, first answer token)."""
+    """Held-out exact-match accuracy per task (greedy, first answer token), and per synth-vqa family
+    (keys ``synth-vqa/<family>``)."""
     model.eval()
     n_img = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     res = {}
     for name in task_names:
         samples = get_task(name).samples("test", n)
-        correct = 0
+        hits = []
         for i in range(0, n, batch):
             chunk = samples[i : i + batch]
             prompts = [PROMPT.format(question=s.question).replace("<image>", " ".join(["<image>"] * n_img)) for s in chunk]
             enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
             logits = model(**enc, pixel_values=pixels([s.scene for s in chunk], size), logits_to_keep=1).logits[:, -1]
             pred = tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
-            correct += sum(p == s.answers[0] for p, s in zip(pred, chunk))
-        res[name] = correct / n
+            hits += [p == s.answers[0] for p, s in zip(pred, chunk)]
+        res[name] = sum(hits) / n
+        if name == "synth-vqa":
+            for fam in sorted({s.family for s in samples}):
+                got = [h for h, s in zip(hits, samples) if s.family == fam]
+                res[f"{name}/{fam}"] = round(sum(got) / len(got), 3)
     model.train()
     return res
 
@@ -252,6 +288,9 @@ def main(argv=None):
     p.add_argument("--readout-families", default=",".join(sorted(ATTRIBUTE_FAMILIES)),
                    help="synth-vqa families whose referent tokens learn the answer (readout loss); 'all' for every "
                         "family with a one-word answer")
+    p.add_argument("--readout-last", default="",
+                   help="families whose answer only the last referent's tokens learn (e.g. relation,count,count_all); "
+                        "the shipped phases 1-5 used none")
     args = p.parse_args(argv)
     if args.quick:
         args.vision_steps = min(args.vision_steps, 3)
@@ -311,6 +350,7 @@ def main(argv=None):
         name, _, weight = part.partition(":")
         tasks += [get_task(name)] * int(weight or 1)
     families = VQA_FAMILIES if args.readout_families == "all" else set(args.readout_families.split(","))
+    readout_last = set(args.readout_last.split(",")) - {""}
     model.train()
     ramp = max(1, int(args.curriculum * args.lm_steps))
     for step in range(args.lm_steps):
@@ -319,7 +359,7 @@ def main(argv=None):
         n_max = 1 + min(4, (4 * step) // ramp) if args.curriculum else 5
         samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max)
         loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
-                       rng=rng, drop=args.drop, min_keep=args.min_keep)
+                       rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
