@@ -49,11 +49,14 @@ def write_tables(summary: dict, out: str) -> None:
         f.write(markdown(summary) + "\n")
 
 
+ORIG_POS = " (orig. pos.)"
+
+
 def family(method: str) -> str:
     """``"tome:keep=0.5+fastv:k=2"`` -> ``"tome+fastv"``: the curve a row belongs to; rows with
     ``positions=original`` form their own curve (``"tome (orig. pos.)"``)."""
     name = "+".join(part.split(":")[0] for part in method.split("+"))
-    return name + " (orig. pos.)" if "positions=original" in method else name
+    return name + ORIG_POS if "positions=original" in method else name
 
 
 def plot_pareto(summary: dict, out: str) -> list[str]:
@@ -71,23 +74,30 @@ def plot_pareto(summary: dict, out: str) -> list[str]:
         groups.setdefault((row["model"], row["task"]), []).append(row)
     files = []
     for (model, task), rows in groups.items():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
         plugins: dict[str, list[dict]] = {}
         for r in rows:
             plugins.setdefault(family(r["method"]), []).append(r)
+        # one colour per method, shared by its two position-id curves; original ids dashed, square markers
+        bases = sorted({name.removesuffix(ORIG_POS) for name in plugins})
+        cmap = plt.get_cmap("tab20" if len(bases) > 10 else "tab10")
+        colour = {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
         for name, rs in sorted(plugins.items()):
             rs = sorted(rs, key=lambda r: r["visual_tokens"])
             xs = [r["visual_tokens"] for r in rs]
             ys = [r["metrics"].get("score") for r in rs]
-            axes[0].plot(xs, ys, marker="o", label=name)
+            orig = name.endswith(ORIG_POS)
+            style = {"color": colour[name.removesuffix(ORIG_POS)], "marker": "s" if orig else "o",
+                     "linestyle": "--" if orig else "-", "label": name}
+            axes[0].plot(xs, ys, **style)
             if all(r.get("prefill_s") is not None for r in rs):
-                axes[1].plot([r["prefill_s"] * 1000 for r in rs], ys, marker="o", label=name)
+                axes[1].plot([r["prefill_s"] * 1000 for r in rs], ys, **style)
         axes[0].set_xlabel("visual tokens entering the LLM (mean over layers)")
         axes[1].set_xlabel("prefill latency (ms, batch)")
         for ax in axes:
             ax.set_ylabel("score")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
+        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.suptitle(f"{model} / {task}")
         fig.tight_layout()
         path = os.path.join(out, f"pareto_{model.replace('/', '_')}_{task}.png")

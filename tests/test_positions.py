@@ -107,3 +107,19 @@ def test_merged_tokens_sit_at_their_first_patch(llava_next, next_batch):
 def test_plugins_must_agree(llava):
     with pytest.raises(mmtoken.CompositionError, match="positions"):
         mmtoken.apply(llava, "random:keep=0.5,positions=original+pool")
+
+
+def test_opera_and_beam_search_see_the_original_numbering(llava):
+    """OPERA passes position ids itself; with alpha 0 and no rollback it equals beam search on the same
+    shortened prompt, and both differ from compact numbering."""
+    batch = make_batch(llava, 3, seed=8)  # two of its samples decode differently under the two numberings
+    kw = dict(max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        with mmtoken.apply(llava, "random:keep=0.1,positions=original"):
+            beam = llava.generate(**batch, num_beams=3, **kw)
+        with mmtoken.apply(llava, "random:keep=0.1,positions=original+opera:num_beams=3,alpha=0,rollback=False,renormalize=False,n_can=6"):
+            opera = llava.generate(**batch, **kw)
+        with mmtoken.apply(llava, "random:keep=0.1"):
+            compact = llava.generate(**batch, num_beams=3, **kw)
+    assert torch.equal(opera, beam)
+    assert not torch.equal(beam, compact)
