@@ -97,7 +97,7 @@ def plot_pareto(summary: dict, out: str) -> list[str]:
         for ax in axes:
             ax.set_ylabel("score")
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.suptitle(f"{model} / {task}")
         fig.tight_layout()
         path = os.path.join(out, f"pareto_{model.replace('/', '_')}_{task}.png")

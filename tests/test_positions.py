@@ -32,31 +32,96 @@ def next_batch(llava_next):
 
 @pytest.mark.parametrize("which,spec", [("llava", "random:keep=0.5,positions=original"),
                                         ("llava", "random:keep=0.1,positions=original"),
+                                        ("llava", "tome:keep=0.5,positions=original+random:keep=0.5,positions=original"),
                                         ("next", "random:keep=0.5,positions=original"),
                                         ("next", "random:keep=0.2,positions=original")])
-def test_every_kept_token_sits_at_its_original_position(llava, llava_next, next_batch, which, spec):
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_kept_token_sits_at_its_original_position(llava, llava_next, next_batch, which, spec, padded):
     """Text, kept image tokens and AnyRes newlines: the vector at shortened position j is the full
-    sequence's vector at the position id it is given."""
+    sequence's vector at the position id it is given (the model's default ids: the index in the padded
+    row), alone and in a left-padded batch."""
     model = llava if which == "llava" else llava_next
     full_batch = make_batch(llava, 3, seed=5) if which == "llava" else next_batch
-    for i in range(3):
-        one = select_rows(full_batch, i)
-        emb, _ = _lm_inputs(model, one)
+    batches = [full_batch] if padded else [select_rows(full_batch, i) for i in range(3)]
+    for batch in batches:
+        emb, _ = _lm_inputs(model, batch)
         with mmtoken.apply(model, spec) as h:
-            short, pos = _lm_inputs(model, one)
-        assert h.stats.image_tokens_out[0] < h.stats.image_tokens_in[0]
+            short, pos = _lm_inputs(model, batch)
+        assert all(o < i for o, i in zip(h.stats.image_tokens_out, h.stats.image_tokens_in))
         assert pos is not None and pos.shape == short.shape[:2]
-        p = pos[0]
-        assert bool((p[1:] > p[:-1]).all()), "position ids must increase"
-        assert int(p[-1]) == emb.shape[1] - 1, "the last prompt token keeps its own position"
-        assert torch.equal(short[0], emb[0, p])
+        for row, (e_row, s_row, p_row) in enumerate(zip(emb, short, pos)):
+            n = int(_real(model, batch, row, h))
+            p = p_row[-n:]  # left padded: the real tokens are the last n
+            assert bool((p[1:] > p[:-1]).all()), "position ids must increase"
+            assert int(p[-1]) == emb.shape[1] - 1, "the last prompt token keeps its own position"
+            if "tome" not in spec:  # merged tokens are new vectors
+                assert torch.equal(s_row[-n:], e_row[p])
+            else:
+                text = batch["input_ids"][row, p] != model.config.image_token_id
+                assert torch.equal(s_row[-n:][text], e_row[p[text]])
+            if which == "next":  # a newline takes its own row's id: the first newline after the token before it
+                is_nl = (e_row == model.model.image_newline).all(-1)
+                for j in (s_row[-n:] == model.model.image_newline).all(-1).nonzero().flatten().tolist():
+                    after = is_nl.nonzero().flatten()
+                    assert int(p[j]) == int(after[after > p[j - 1]][0])
+
+
+def _real(model, batch, row, handle):
+    """Real tokens of ``row`` after shortening."""
+    ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+    n_img = int((ids == model.config.image_token_id).sum())
+    has = (batch["input_ids"] == model.config.image_token_id).any(-1).tolist()
+    k = sum(has[:row])
+    return ids.numel() - n_img + (handle.stats.image_tokens_out[k] if has[row] else 0)
 
 
 def test_compact_numbers_afresh(llava):
-    one = select_rows(make_batch(llava, 1, seed=5), 0)
+    batch = make_batch(llava, 2, seed=5)
+    given = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # what generate() passes
     with mmtoken.apply(llava, "random:keep=0.5"):
-        short, pos = _lm_inputs(llava, one)
-    assert pos is None or torch.equal(pos[0], torch.arange(short.shape[1]))
+        short, pos = _lm_inputs(llava, dict(batch, position_ids=given))
+    for row, p in enumerate(pos):  # real tokens numbered 0, 1, ... in the shortened row
+        n = int((p > 0).sum()) + 1
+        assert torch.equal(p[-n:], torch.arange(n))
+
+
+def test_without_a_mask_the_gaps_do_not_split_attention(llava):
+    """transformers reads jumps in explicit position ids as packed sequences when no mask is given."""
+    one = select_rows(make_batch(llava, 1, seed=5), 0)
+    with mmtoken.apply(llava, "random:keep=0.5,positions=original"), torch.no_grad():
+        bare = llava(input_ids=one["input_ids"], pixel_values=one["pixel_values"], use_cache=False).logits
+        masked = llava(**one, use_cache=False).logits
+    assert torch.allclose(bare, masked, atol=1e-5)
+
+
+def test_manual_decoding_without_position_ids_continues_the_numbering(llava):
+    """A decode loop that passes no position ids (the model's default numbering) gets the full cache's ids."""
+    one = select_rows(make_batch(llava, 1, seed=9), 0)
+    n = one["input_ids"].shape[1]
+    seen = []
+    hook = llava.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw.get("position_ids")), with_kwargs=True)
+    try:
+        with mmtoken.apply(llava, "random:keep=0.25,positions=original"), torch.no_grad():
+            out = llava(input_ids=one["input_ids"], pixel_values=one["pixel_values"], use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            for _ in range(2):
+                out = llava(input_ids=tok, cache=out.cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+            ref = llava.generate(**one, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        hook.remove()
+    assert [int(p[0, -1]) for p in seen[:3]] == [n - 1, n, n + 1]
+    assert int(tok[0, 0]) == int(ref[0, -1])
+
+
+def test_visionzip_contextual_tokens_take_ids_of_removed_tokens(llava, llava_next, next_batch):
+    for model, batch in ((llava, make_batch(llava, 3, seed=5)), (llava_next, next_batch)):
+        for i in range(3):
+            one = select_rows(batch, i)
+            with mmtoken.apply(model, "visionzip:keep=0.25,positions=original"):
+                _, pos = _lm_inputs(model, one)
+            assert pos[0].unique().numel() == pos.shape[1], "two tokens share a position id"
 
 
 @pytest.mark.parametrize("spec", ["random:keep=0.3,positions=original", "tome:keep=0.5,positions=original",

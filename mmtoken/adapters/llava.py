@@ -617,7 +617,11 @@ class LlavaAdapter:
             return None
         right_padded = bool((am[:, -1] == 0).any()) and bool((am[:, 0] == 1).all())
         original = self._positions == "original"
-        opos = am.long().cumsum(-1) - 1  # position ids of the full sequence
+        if original:  # the ids the full sequence gets: the caller's (generate() passes them), else the model's default
+            given = a.get("position_ids")
+            if given is not None and given.dim() != 2:
+                raise MmtokenError("positions=original needs position ids of shape [batch, length]")
+            opos = given if given is not None else torch.arange(l, device=ids.device).expand(b, l)
         rows, prow, k = [], [], 0
         for i in range(b):
             row_ids: list[Tensor] = []
@@ -629,7 +633,7 @@ class LlavaAdapter:
                 row_ids.append(torch.full((new_feats[k].shape[0],), self.image_token_id, dtype=ids.dtype, device=ids.device))
                 if original:
                     row_pos.append(opos[i, cursor:start][real])
-                    row_pos.append(opos[i, start] + self._offsets[id(new_feats[k])].to(opos.device))
+                    row_pos.append(opos[i, start + self._offsets[id(new_feats[k])].to(opos.device)])
                 cursor = start + length
                 k += 1
             row_ids.append(ids[i, cursor:][am[i, cursor:].bool()])
@@ -654,9 +658,11 @@ class LlavaAdapter:
         if attention_mask is not None or not bool((new_mask == 1).all()):
             a["attention_mask"] = new_mask
         shift = am.long().sum(-1) - new_mask.long().sum(-1)
-        if original:  # always explicit: the model's default would number the shortened sequence afresh
-            given = a.get("position_ids")
-            a["position_ids"] = new_pos if given is None or given.dim() == 2 else new_pos.expand(given.shape[0], b, lmax)
+        if original:
+            # explicit ids: the model's default would number the shortened sequence afresh; and an explicit
+            # mask: without one, transformers reads every gap in the ids as the start of a packed sequence
+            a["position_ids"] = new_pos
+            a["attention_mask"] = new_mask
             return SeqPlan(orig_len=l, new_mask=new_mask, shift=shift, pos_shift=torch.zeros_like(shift))
         if a.get("position_ids") is not None:
             pos = new_mask.long().cumsum(-1) - 1
@@ -688,9 +694,10 @@ class LlavaAdapter:
         ids = a.get("input_ids")
         ref = ids if ids is not None else a["inputs_embeds"][..., 0]
         b, q = ref.shape[0], ref.shape[1]
-        if pos is None and plan.pos_shift is not None:  # the model would count from the shortened cache
-            past = cache.get_seq_length()
-            a["position_ids"] = past + plan.shift.to(ref.device).view(-1, 1) + torch.arange(q, device=ref.device)
+        if pos is None and plan.pos_shift is not None:
+            # the model would count from the shortened cache; count from the full one (its default numbering)
+            past = cache.get_seq_length() - plan.new_mask.shape[1] + plan.orig_len
+            a["position_ids"] = (past + torch.arange(q, device=ref.device)).expand(b, q)
         step = am if am is not None and am.dim() == 2 else torch.ones(b, cache.get_seq_length() + q, dtype=torch.long, device=ref.device)
         self._run = RunState(mode="decode", plan=plan, step_mask2d=step.bool())
         try:
@@ -918,11 +925,16 @@ class LlavaAdapter:
 
 def _with_extras(offsets: Tensor, run_len: int, extras: list[Tensor]) -> Tensor:
     """``offsets`` followed by those of the ``extras`` (tokens a plugin adds after the kept ones, e.g.
-    VisionZip's contextual tokens): the last offsets of the run, in order."""
+    VisionZip's contextual tokens, which stand for removed tokens): the highest offsets of the run that no
+    kept token holds, in order (the last offsets of the run if fewer are free)."""
     n_extra = sum(int(e.shape[0]) for e in extras)
     if not n_extra:
         return offsets
-    tail = torch.arange(run_len - n_extra, run_len, device=offsets.device).clamp_min(0)
+    free = torch.ones(run_len, dtype=torch.bool, device=offsets.device)
+    free[offsets[(offsets >= 0) & (offsets < run_len)]] = False
+    tail = free.nonzero().flatten()[-n_extra:]
+    if tail.numel() < n_extra:
+        tail = torch.cat([tail, torch.arange(run_len - n_extra + tail.numel(), run_len, device=offsets.device).clamp_min(0)])
     return torch.cat([offsets, tail])
 
 
