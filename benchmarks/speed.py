@@ -20,11 +20,14 @@ half: ``2 * n^2/2 * q`` each), summed over layers with each layer's own visual-t
 tower, ``2 T (4 d_v^2 + 2 d_v m_v) + 4 T^2 d_v`` per ViT layer at its token count ``T``.
 The oracle is the model simply fed the same visual tokens per LLM layer, with no selection work:
 ``oracle:tokens=n`` when every layer sees ``n``, ``oracle-llm:layer=K,tokens=n`` when layers from ``K`` on
-see fewer.
+see fewer (``n``: the largest count in the batch, as the padded batch holds). The method's and the
+oracle's prefills are timed alternately (method, oracle, method, ...), so that drift in the machine's
+speed during a run touches both alike; each figure is the median of its ``repeats``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
 import sys
@@ -214,7 +217,6 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         else:
             per_layer = [sum(full) / len(full)] * n_layers
         text_tokens = float(inputs["attention_mask"].sum(-1).float().mean()) - sum(full) / len(full)
-        prefill_s = median_time(prefill, device, warmup, repeats)
         decode_s = decode_time_per_token(gen, device, decode_tokens, max(1, repeats // 2))
         e2e_s = median_time(e2e, device, 0, max(1, repeats // 2))
         mem = peak_memory(device)
@@ -224,7 +226,7 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
     b = len(items)
     out = {
         "batch_size": b,
-        "prefill_s": prefill_s,
+        "prefill_s": None,
         "decode_s_per_token": decode_s,
         "e2e_s": e2e_s,
         "samples_per_s": b / e2e_s,
@@ -235,9 +237,18 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         "oracle": None,
         "oracle_prefill_s": None,
     }
-    spec = oracle_spec(layers, full) if layers else None
-    if spec is not None and method != "none":
-        with mmtoken.apply(model, spec):
-            out["oracle_prefill_s"] = median_time(prefill, device, warmup, repeats)
+    spec = oracle_spec(layers, full) if layers and method != "none" else None
+    specs = [s for s in (method, spec) if s not in (None, "none")]
+    timer = _timer(device)
+    times: dict[str | None, list[float]] = {method: [], spec: []}
+    for i in range(warmup + repeats):
+        for which in (method, spec) if spec is not None else (method,):
+            with mmtoken.apply(model, which) if which in specs else contextlib.nullcontext():
+                t = timer(prefill)
+            if i >= warmup:
+                times[which].append(t)
+    out["prefill_s"] = statistics.median(times[method])
+    if spec is not None:
+        out["oracle_prefill_s"] = statistics.median(times[spec])
         out["oracle"] = spec
     return out
