@@ -34,42 +34,63 @@ from mmtoken.plugin import Plugin, register_plugin
 from mmtoken.tokens import Selection, VisualRequest, VisualTokens
 
 
+def outlier_masks(scores: Tensor) -> Tensor:
+    """``[V, N]`` scores -> ``[V, N]`` True where a score lies above its row's ``Q3 + 1.5 (Q3 - Q1)``."""
+    q = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device), dim=-1)  # [2, V]
+    return scores > (q[1] + 1.5 * (q[1] - q[0]))[:, None]
+
+
 def iqr_outliers(scores: Tensor) -> Tensor:
     """Indices of ``scores`` above ``Q3 + 1.5 (Q3 - Q1)``."""
-    q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
-    return (scores > q3 + 1.5 * (q3 - q1)).nonzero().flatten()
+    return outlier_masks(scores[None])[0].nonzero().flatten()
+
+
+def densities(keys: Tensor, threshold: float) -> Tensor:
+    """``[V, N, Dk]`` keys -> ``[V]``: 1 - (share of a view's tokens whose key has a near-duplicate in the
+    view: cosine similarity > ``threshold``)."""
+    k = keys.float()
+    k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = k @ k.transpose(1, 2)
+    sim.diagonal(dim1=1, dim2=2).fill_(-1.0)
+    return 1.0 - (sim > threshold).any(-1).float().mean(-1)
 
 
 def information_density(keys: Tensor, threshold: float) -> float:
     """1 - (share of tokens whose key has a near-duplicate: cosine similarity > ``threshold``)."""
-    k = keys.float()
-    k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sim = k @ k.T
-    sim.fill_diagonal_(-1.0)
-    redundant = (sim > threshold).any(-1)
-    return 1.0 - float(redundant.float().mean())
+    return float(densities(keys[None], threshold)[0])
+
+
+def corrcomp_select_views(deep_attn: Tensor, shallow_attn: Tensor, shallow_keys: Tensor, threshold: float,
+                          seeds: list[int], n_samples: list[int | None]) -> list[Tensor]:
+    """Kept indices (sorted) of ``V`` views of ``N`` tokens each, computed together: ``deep_attn`` /
+    ``shallow_attn`` ``[V, N]``, ``shallow_keys`` ``[V, N, Dk]``; view ``v`` samples with ``seeds[v]`` and
+    adds ``n_samples[v]`` tokens (None: ``round(density x N)``)."""
+    n = deep_attn.shape[1]
+    outliers = outlier_masks(deep_attn)
+    dens = densities(shallow_keys, threshold) if any(m is None for m in n_samples) else None
+    out_counts = outliers.sum(-1).tolist()
+    keeps = []
+    for v, (seed, n_sample) in enumerate(zip(seeds, n_samples)):
+        if n_sample is None:
+            n_sample = int(round(float(dens[v]) * n))
+        rest = (~outliers[v]).nonzero().flatten()
+        n_sample = max(0, min(n, n_sample, rest.numel()))
+        keep = outliers[v]
+        if n_sample > 0:
+            g = torch.Generator().manual_seed(seed)
+            probs = shallow_attn[v, rest].float().clamp_min(0).cpu() + 1e-12
+            keep = keep.clone()
+            keep[rest[torch.multinomial(probs, n_sample, replacement=False, generator=g).to(deep_attn.device)]] = True
+        if out_counts[v] == 0 and n_sample == 0:
+            keep = torch.zeros_like(keep)
+            keep[deep_attn[v].argmax()] = True
+        keeps.append(keep.nonzero().flatten())
+    return keeps
 
 
 def corrcomp_select(deep_attn: Tensor, shallow_attn: Tensor, shallow_keys: Tensor, threshold: float, seed: int, n_sample: int | None = None) -> Tensor:
     """Kept indices of one view (sorted)."""
-    n = deep_attn.numel()
-    outliers = iqr_outliers(deep_attn)
-    if n_sample is None:
-        n_sample = int(round(information_density(shallow_keys, threshold) * n))
-    n_sample = max(0, min(n, n_sample))
-    rest = torch.ones(n, dtype=torch.bool, device=deep_attn.device)
-    rest[outliers] = False
-    rest = rest.nonzero().flatten()
-    n_sample = min(n_sample, rest.numel())
-    picked = torch.zeros(0, dtype=torch.long, device=deep_attn.device)
-    if n_sample > 0:
-        g = torch.Generator().manual_seed(seed)
-        probs = shallow_attn[rest].float().clamp_min(0).cpu() + 1e-12
-        picked = rest[torch.multinomial(probs, n_sample, replacement=False, generator=g).to(deep_attn.device)]
-    keep = torch.unique(torch.cat([outliers, picked]))
-    if keep.numel() == 0:
-        keep = deep_attn.argmax().view(1)
-    return keep
+    return corrcomp_select_views(deep_attn[None], shallow_attn[None], shallow_keys[None], threshold, [seed], [n_sample])[0]
 
 
 @dataclass
@@ -95,10 +116,18 @@ class CorrCompPlugin(Plugin):
         deep = tokens.require("cls_attn", c.deep)
         shallow = tokens.require("cls_attn", c.shallow)
         keys = tokens.require("keys", c.shallow)
+        views = c.per_view(tokens)
+        by_size: dict[int, list[tuple[int, Tensor, int]]] = {}
+        for view in views:  # views of one size (all but unpadded crops) are computed together
+            by_size.setdefault(int(view[1].numel()), []).append(view)
         keep = []
-        for view, idx, budget in c.per_view(tokens):
-            n_sample = None
+        for group in by_size.values():
+            idx = torch.stack([i for _, i, _ in group])  # [V, N]
+            d = deep[idx]
+            n_samples: list[int | None] = [None] * len(group)
             if c.has_budget:
-                n_sample = budget - int(iqr_outliers(deep[idx]).numel())
-            keep.append(idx[corrcomp_select(deep[idx], shallow[idx], keys[idx], c.threshold, c.seed + view, n_sample)])
+                n_out = outlier_masks(d).sum(-1).tolist()
+                n_samples = [budget - o for (_, _, budget), o in zip(group, n_out)]
+            kept = corrcomp_select_views(d, shallow[idx], keys[idx], c.threshold, [c.seed + v for v, _, _ in group], n_samples)
+            keep += [i[k] for i, k in zip(idx, kept)]
         return Selection(keep=torch.cat(keep))
