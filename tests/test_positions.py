@@ -188,3 +188,17 @@ def test_opera_and_beam_search_see_the_original_numbering(llava):
             compact = llava.generate(**batch, num_beams=3, **kw)
     assert torch.equal(opera, beam)
     assert not torch.equal(beam, compact)
+
+
+def test_position_ids_broadcast_over_the_batch_and_same_length_reorders(llava):
+    batch = make_batch(llava, 3, seed=5)
+    l = batch["input_ids"].shape[1]
+    with mmtoken.apply(llava, "random:keep=0.5,positions=original"), torch.no_grad():
+        one_row = llava(**batch, position_ids=torch.arange(l)[None]).logits
+        full = llava(**batch, position_ids=torch.arange(l).expand(3, l)).logits
+    assert torch.equal(one_row, full)
+    # keep=1.0: VisionZip keeps the count but its contextual tokens stand where removed tokens were
+    one = select_rows(batch, 0)
+    with mmtoken.apply(llava, "visionzip:keep=1.0,positions=original") as h:
+        _, pos = _lm_inputs(llava, one)
+    assert h.stats.image_tokens_out == h.stats.image_tokens_in and pos is not None

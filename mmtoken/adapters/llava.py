@@ -613,14 +613,18 @@ class LlavaAdapter:
                 f"{len(feats)} images; each image needs its own contiguous run of placeholders"
             )
         lengths = [length for r in runs for (_, length) in r]
-        if all(n.shape[0] == length for n, length in zip(new_feats, lengths)):
+        original = self._positions == "original"
+        if all(n.shape[0] == length for n, length in zip(new_feats, lengths)) and not (
+            original and any(not torch.equal(self._offsets[id(n)].cpu(), torch.arange(n.shape[0])) for n in new_feats)
+        ):  # unchanged (in original mode: every token also where it was)
             return None
         right_padded = bool((am[:, -1] == 0).any()) and bool((am[:, 0] == 1).all())
-        original = self._positions == "original"
         if original:  # the ids the full sequence gets: the caller's (generate() passes them), else the model's default
             given = a.get("position_ids")
-            if given is not None and given.dim() != 2:
-                raise MmtokenError("positions=original needs position ids of shape [batch, length]")
+            if given is not None and given.dim() == 2 and given.shape[0] == 1:
+                given = given.expand(b, -1)  # broadcast over the batch, as the model does
+            if given is not None and tuple(given.shape) != (b, l):
+                raise MmtokenError(f"positions=original needs position ids of shape [batch, length] = [{b}, {l}], got {tuple(given.shape)}")
             opos = given if given is not None else torch.arange(l, device=ids.device).expand(b, l)
         rows, prow, k = [], [], 0
         for i in range(b):
@@ -926,7 +930,8 @@ class LlavaAdapter:
 def _with_extras(offsets: Tensor, run_len: int, extras: list[Tensor]) -> Tensor:
     """``offsets`` followed by those of the ``extras`` (tokens a plugin adds after the kept ones, e.g.
     VisionZip's contextual tokens, which stand for removed tokens): the highest offsets of the run that no
-    kept token holds, in order (the last offsets of the run if fewer are free)."""
+    kept token holds, in order. If fewer are free (no built-in plugin adds more tokens than it removes),
+    the rest take the run's last offsets, shared with kept tokens."""
     n_extra = sum(int(e.shape[0]) for e in extras)
     if not n_extra:
         return offsets
