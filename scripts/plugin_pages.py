@@ -34,8 +34,9 @@ def table(rows: list[dict]) -> str:
         p, o = r.get("prefill_s"), r.get("oracle_prefill_s")
         ratio = f"{p / o:.2f}" if p and o else ""
         agree = f"{m['agreement']:.3f}" if "agreement" in m else ""
-        out.append(f"| {r['task']} | `{r['method']}` | {m['score']:.3f} | {agree} | {r['visual_tokens']:.1f} | "
-                   f"{p * 1e3 if p else 0:.1f} | {o * 1e3 if o else 0:.1f} | {ratio} |")
+        pre = f"{p * 1e3:.1f}" if p else ""
+        ora = f"{o * 1e3:.1f}" if o else ""
+        out.append(f"| {r['task']} | `{r['method']}` | {m['score']:.3f} | {agree} | {r['visual_tokens']:.1f} | {pre} | {ora} | {ratio} |")
     return "\n".join(out)
 
 
