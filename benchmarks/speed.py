@@ -238,17 +238,17 @@ def measure(lm: Any, items: list, method: str, max_new_tokens: int, device: str,
         "oracle_prefill_s": None,
     }
     spec = oracle_spec(layers, full) if layers and method != "none" else None
-    specs = [s for s in (method, spec) if s not in (None, "none")]
+    legs = [method] if spec is None else [method, spec]  # timed alternately
     timer = _timer(device)
-    times: dict[str | None, list[float]] = {method: [], spec: []}
+    times: list[list[float]] = [[] for _ in legs]
     for i in range(warmup + repeats):
-        for which in (method, spec) if spec is not None else (method,):
-            with mmtoken.apply(model, which) if which in specs else contextlib.nullcontext():
+        for leg, which in zip(times, legs):
+            with mmtoken.apply(model, which) if which != "none" else contextlib.nullcontext():
                 t = timer(prefill)
             if i >= warmup:
-                times[which].append(t)
-    out["prefill_s"] = statistics.median(times[method])
+                leg.append(t)
+    out["prefill_s"] = statistics.median(times[0])
     if spec is not None:
-        out["oracle_prefill_s"] = statistics.median(times[spec])
+        out["oracle_prefill_s"] = statistics.median(times[1])
         out["oracle"] = spec
     return out

@@ -61,12 +61,13 @@ def information_density(keys: Tensor, threshold: float) -> float:
 
 
 def corrcomp_select_views(deep_attn: Tensor, shallow_attn: Tensor, shallow_keys: Tensor, threshold: float,
-                          seeds: list[int], n_samples: list[int | None]) -> list[Tensor]:
+                          seeds: list[int], n_samples: list[int | None], outliers: Tensor | None = None) -> list[Tensor]:
     """Kept indices (sorted) of ``V`` views of ``N`` tokens each, computed together: ``deep_attn`` /
     ``shallow_attn`` ``[V, N]``, ``shallow_keys`` ``[V, N, Dk]``; view ``v`` samples with ``seeds[v]`` and
-    adds ``n_samples[v]`` tokens (None: ``round(density x N)``)."""
+    adds ``n_samples[v]`` tokens (None: ``round(density x N)``). ``outliers``: ``outlier_masks(deep_attn)``
+    when the caller has it already."""
     n = deep_attn.shape[1]
-    outliers = outlier_masks(deep_attn)
+    outliers = outlier_masks(deep_attn) if outliers is None else outliers
     dens = densities(shallow_keys, threshold) if any(m is None for m in n_samples) else None
     out_counts = outliers.sum(-1).tolist()
     keeps = []
@@ -124,10 +125,11 @@ class CorrCompPlugin(Plugin):
         for group in by_size.values():
             idx = torch.stack([i for _, i, _ in group])  # [V, N]
             d = deep[idx]
+            outliers = outlier_masks(d)
             n_samples: list[int | None] = [None] * len(group)
             if c.has_budget:
-                n_out = outlier_masks(d).sum(-1).tolist()
-                n_samples = [budget - o for (_, _, budget), o in zip(group, n_out)]
-            kept = corrcomp_select_views(d, shallow[idx], keys[idx], c.threshold, [c.seed + v for v, _, _ in group], n_samples)
+                n_samples = [budget - o for (_, _, budget), o in zip(group, outliers.sum(-1).tolist())]
+            kept = corrcomp_select_views(d, shallow[idx], keys[idx], c.threshold, [c.seed + v for v, _, _ in group], n_samples,
+                                         outliers)
             keep += [i[k] for i, k in zip(idx, kept)]
         return Selection(keep=torch.cat(keep))

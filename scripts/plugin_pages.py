@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmtoken.benchmarks.report import family  # noqa: E402
+from mmtoken.benchmarks.report import ORIG_POS, family  # noqa: E402
 from mmtoken.plugin import plugin_registry  # noqa: E402
 
 BASELINES = {"none", "random", "pool", "visionzip", "fastv"}
@@ -43,7 +43,7 @@ def table(rows: list[dict]) -> str:
 def measured(name: str, summary: dict) -> list[str]:
     """The page lines for one run: how to reproduce it, the plugin's rows and the baselines beside them."""
     rows = summary["rows"]
-    plain = lambda r: family(r["method"]).removesuffix(" (orig. pos.)")  # noqa: E731
+    plain = lambda r: family(r["method"]).removesuffix(ORIG_POS)  # noqa: E731
     mine = [r for r in rows if name in plain(r).split("+")]
     if not mine:
         return []

@@ -105,7 +105,7 @@ class SeqPlan:
     orig_len: int  # length of the attention mask generate() keeps (original placeholders)
     new_mask: Tensor  # [B, L0] mask of the sequence the LLM really received
     shift: Tensor  # [B] original real tokens minus received real tokens
-    pos_shift: Tensor | None = None  # [B] what decode subtracts from generate()'s position ids (None: shift)
+    original_ids: bool = False  # positions=original: decode keeps generate()'s position ids (no shift)
     layers: dict[int, LayerPlan] = field(default_factory=dict)
     image_mask: Tensor | None = None  # [B, L0] which received positions are visual tokens
 
@@ -615,7 +615,7 @@ class LlavaAdapter:
         lengths = [length for r in runs for (_, length) in r]
         original = self._positions == "original"
         if all(n.shape[0] == length for n, length in zip(new_feats, lengths)) and not (
-            original and any(not torch.equal(self._offsets[id(n)].cpu(), torch.arange(n.shape[0])) for n in new_feats)
+            original and any(not torch.equal(off := self._offsets[id(n)], torch.arange(n.shape[0], device=off.device)) for n in new_feats)
         ):  # unchanged (in original mode: every token also where it was)
             return None
         right_padded = bool((am[:, -1] == 0).any()) and bool((am[:, 0] == 1).all())
@@ -650,7 +650,7 @@ class LlavaAdapter:
         pad_id = int(pad_id) if pad_id is not None else 0
         new_ids = torch.full((b, lmax), pad_id, dtype=ids.dtype, device=ids.device)
         new_mask = torch.zeros((b, lmax), dtype=am.dtype, device=am.device)
-        new_pos = torch.zeros((b, lmax), dtype=torch.long, device=ids.device)
+        new_pos = torch.zeros((b, lmax), dtype=torch.long, device=ids.device) if original else None
         for i, r in enumerate(rows):
             n = r.numel()
             sl = slice(0, n) if right_padded else slice(lmax - n, lmax)
@@ -667,7 +667,7 @@ class LlavaAdapter:
             # mask: without one, transformers reads every gap in the ids as the start of a packed sequence
             a["position_ids"] = new_pos
             a["attention_mask"] = new_mask
-            return SeqPlan(orig_len=l, new_mask=new_mask, shift=shift, pos_shift=torch.zeros_like(shift))
+            return SeqPlan(orig_len=l, new_mask=new_mask, shift=shift, original_ids=True)
         if a.get("position_ids") is not None:
             pos = new_mask.long().cumsum(-1) - 1
             a["position_ids"] = pos.masked_fill(new_mask == 0, 0)
@@ -692,13 +692,12 @@ class LlavaAdapter:
             am = torch.cat([plan.new_mask.to(am.dtype), am[:, plan.orig_len :]], dim=1)
             a["attention_mask"] = am
         pos = a.get("position_ids")
-        shift = plan.shift if plan.pos_shift is None else plan.pos_shift
-        if pos is not None:
-            a["position_ids"] = pos - shift.to(pos.device).view(-1, *([1] * (pos.dim() - 1)))
+        if pos is not None and not plan.original_ids:
+            a["position_ids"] = pos - plan.shift.to(pos.device).view(-1, *([1] * (pos.dim() - 1)))
         ids = a.get("input_ids")
         ref = ids if ids is not None else a["inputs_embeds"][..., 0]
         b, q = ref.shape[0], ref.shape[1]
-        if pos is None and plan.pos_shift is not None:
+        if pos is None and plan.original_ids:
             # the model would count from the shortened cache; count from the full one (its default numbering)
             past = cache.get_seq_length() - plan.new_mask.shape[1] + plan.orig_len
             a["position_ids"] = (past + torch.arange(q, device=ref.device)).expand(b, q)
