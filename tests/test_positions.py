@@ -202,3 +202,15 @@ def test_position_ids_broadcast_over_the_batch_and_same_length_reorders(llava):
     with mmtoken.apply(llava, "visionzip:keep=1.0,positions=original") as h:
         _, pos = _lm_inputs(llava, one)
     assert h.stats.image_tokens_out == h.stats.image_tokens_in and pos is not None
+
+
+@pytest.mark.parametrize("spec", ["random:keep=1.0,positions=original", "pool:stride=1,positions=original"])
+def test_keep_everything_with_original_ids_is_identical(llava, spec):
+    batch = make_batch(llava, 3, seed=6)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        ref_logits, ref_ids = llava(**batch).logits, llava.generate(**batch, **kw)
+        with mmtoken.apply(llava, spec):
+            logits, ids = llava(**batch).logits, llava.generate(**batch, **kw)
+        after = llava(**batch).logits
+    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids) and torch.equal(after, ref_logits)
