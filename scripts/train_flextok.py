@@ -40,6 +40,12 @@ def images(seeds, size: int) -> torch.Tensor:
     return render_batch([sample_scene(int(s)) for s in seeds], size)
 
 
+def _render_chunk(job: tuple) -> torch.Tensor:
+    seeds, size = job
+    torch.set_num_threads(1)
+    return images(seeds, size)
+
+
 def prefix_lengths(k: int) -> list[int]:
     return [2**i for i in range(int(math.log2(k)) + 1) if 2**i <= k]
 
@@ -98,11 +104,32 @@ def save_ae(tok: FlexTok, out: str) -> None:
 
 
 @torch.no_grad()
-def cache_latents(tok: FlexTok, n: int, size: int, seed: int, chunk: int = 256) -> torch.Tensor:
-    """The frozen auto-encoder's (unstandardised) latents of ``n`` training scenes."""
+def cache_latents(tok: FlexTok, n: int, size: int, seed: int, chunk: int = 256, workers: int = 0) -> torch.Tensor:
+    """The frozen auto-encoder's (unstandardised) latents of ``n`` training scenes, on the CPU. The scenes
+    and their order depend on ``seed`` alone; ``workers > 0`` renders them in that many processes."""
     rng = np.random.default_rng(seed + 2)
     seeds = rng.integers(0, 5_000_000, size=n)
-    return torch.cat([tok.ae.encode(images(seeds[i : i + chunk], size) * 2 - 1) for i in range(0, n, chunk)])
+    jobs = [(seeds[i : i + chunk], size) for i in range(0, n, chunk)]
+    dev = tok.latent_mean.device
+    if workers > 0:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            batches = pool.imap(_render_chunk, jobs)
+            return torch.cat([tok.ae.encode(x.to(dev) * 2 - 1).cpu() for x in batches])
+    return torch.cat([tok.ae.encode(_render_chunk(j).to(dev) * 2 - 1).cpu() for j in jobs])
+
+
+def load_ae(tok: FlexTok, path: str) -> None:
+    """``path``: an ``ae.safetensors`` of an earlier run, or a saved FlexTok folder (its ``ae.*`` weights)."""
+    from safetensors.torch import load_file
+
+    if os.path.isdir(path):
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        weights = {k[3:]: v for k, v in weights.items() if k.startswith("ae.")}
+    else:
+        weights = load_file(path)
+    tok.ae.load_state_dict({k: v.float() for k, v in weights.items()})
 
 
 def main(argv=None):
@@ -125,7 +152,8 @@ def main(argv=None):
     ap.add_argument("--ae-batch", type=int, default=32)
     ap.add_argument("--ae-lr", type=float, default=2e-3)
     ap.add_argument("--ae-noise", type=float, default=0.1)
-    ap.add_argument("--ae-from", default="", help="an earlier run's ae.safetensors: skip stage 1")
+    ap.add_argument("--ae-from", default="", help="an earlier run's ae.safetensors, or a saved FlexTok folder "
+                    "(e.g. mmtoken/checkpoints/tiny-flextok): its auto-encoder is used and stage 1 skipped")
     ap.add_argument("--data", type=int, default=100_000, help="training scenes whose latents are cached (latent mode)")
     ap.add_argument("--latent-cache", default="", help="a safetensors file holding those latents (of the same auto-encoder): read if it exists, else written")
     ap.add_argument("--eval-every", type=int, default=1000)
@@ -133,6 +161,11 @@ def main(argv=None):
     ap.add_argument("--eval-steps", type=int, default=1, help="Euler steps when decoding for the curve")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (random draws then happen on the GPU, so a run "
+                    "is reproducible on the same kind of device, not across kinds)")
+    ap.add_argument("--workers", type=int, default=0, help="processes that render the scenes to cache (0: this one)")
+    ap.add_argument("--minutes", type=float, default=0.0, help="fit --steps to this wall-clock budget for the FlexTok "
+                    "stage: after 100 steps the step count is fixed from the measured speed (written to curve.json)")
     ap.add_argument("--init", default="", help="continue a saved FlexTok (its tokenizer folder) with this run's "
                     "optimiser settings and --p-pure-noise, e.g. a flow phase after a deterministic one; its "
                     "auto-encoder and latent statistics are kept")
@@ -156,16 +189,16 @@ def main(argv=None):
             registers=args.registers, levels=[int(v) for v in args.levels.split(",")], p_pure_noise=args.p_pure_noise,
             latent_channels=args.latent_channels, ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise,
         ))
-    held = images(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size)
+    dev = torch.device(args.device)
+    tok.to(dev)
+    held = images(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size).to(dev)
     curve = {"args": vars(args), "ae_train": [], "ae_eval": [], "train": [], "eval": []}
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     data = None
     if tok.ae is not None:
         if args.ae_from:
-            from safetensors.torch import load_file
-
-            tok.ae.load_state_dict(load_file(args.ae_from))
+            load_ae(tok, args.ae_from)
         elif not args.init:  # --init keeps the loaded tokenizer's auto-encoder
             train_ae(tok, args, held, curve)
         curve["ae_psnr"] = ae_psnr(tok, held)
@@ -179,12 +212,13 @@ def main(argv=None):
 
             data = load_file(args.latent_cache)["latents"].float()[: args.data]
         else:
-            data = cache_latents(tok, args.data, args.image_size, args.seed)
+            data = cache_latents(tok, args.data, args.image_size, args.seed, workers=args.workers)
             if args.latent_cache:
                 from safetensors.torch import save_file
 
                 save_file({"latents": data.half().contiguous()}, args.latent_cache)
                 data = data.half().float()  # the same values as a later run reading the file
+        data = data.to(dev)
         if not args.init:
             tok.latent_mean.copy_(data.mean(dim=(0, 2, 3)))
             tok.latent_std.copy_(data.std(dim=(0, 2, 3)))
@@ -192,15 +226,16 @@ def main(argv=None):
         print(f"cached {len(data)} latents {tuple(data.shape[1:])} ({time.time() - t0:.0f}s)", flush=True)
     params = [p for n, p in tok.named_parameters() if not n.startswith("ae.")]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator(device=dev).manual_seed(args.seed)
     t1 = time.time()
-    for step in range(args.steps):
+    step = 0
+    while step < args.steps:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(args.lr, step, args.steps, 200)
         if data is not None:
-            loss = tok.flow_loss(data[torch.from_numpy(rng.integers(0, len(data), size=args.batch))], g)
+            loss = tok.flow_loss(data[torch.from_numpy(rng.integers(0, len(data), size=args.batch)).to(dev)], g)
         else:
-            loss = tok.loss(images(rng.integers(0, 5_000_000, size=args.batch), args.image_size) * 2 - 1, g)
+            loss = tok.loss(images(rng.integers(0, 5_000_000, size=args.batch), args.image_size).to(dev) * 2 - 1, g)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -215,6 +250,14 @@ def main(argv=None):
             tok.save_pretrained(os.path.join(args.out, "tokenizer"), extra={"trained_by": "scripts/train_flextok.py"})
             with open(os.path.join(args.out, "curve.json"), "w") as f:
                 json.dump(curve, f, indent=1)
+        step += 1
+        if args.minutes and step == 20:
+            t20 = time.time()
+        if args.minutes and step == 120:  # steps 20-120 set the pace (the first ones include warm-up)
+            rate = (time.time() - t20) / 100
+            args.steps = max(121, int(120 + (args.minutes * 60 - (time.time() - t1)) / rate))
+            curve["args"]["steps"] = args.steps
+            print(f"{rate * 1000:.1f} ms a step: {args.steps} steps fit {args.minutes} min", flush=True)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 
 

@@ -270,17 +270,18 @@ class FlexTok(ImageTokenizer):
         """The same on a batch already in the flow's space (:meth:`to_flow`; the training script caches
         the frozen auto-encoder's latents)."""
         b, dev = x0.shape[0], x0.device
+        gdev = generator.device if generator is not None else dev  # draw where the generator lives
         codes, _ = self.fsq(self.register_outputs(x0))
         k = self.config.registers
         choices = torch.tensor([2**i for i in range(int(math.log2(k)) + 1) if 2**i <= k], device=dev)
-        keep = choices[torch.randint(len(choices), (b,), generator=generator).to(dev)]
-        uncond = torch.rand(b, generator=generator).to(dev) < self.config.p_uncond
+        keep = choices[torch.randint(len(choices), (b,), generator=generator, device=gdev).to(dev)]
+        uncond = torch.rand(b, generator=generator, device=gdev).to(dev) < self.config.p_uncond
         keep = torch.where(uncond, torch.zeros_like(keep), keep)
-        s = torch.sigmoid(torch.randn(b, generator=generator)).to(dev)
+        s = torch.sigmoid(torch.randn(b, generator=generator, device=gdev)).to(dev)
         if self.config.p_pure_noise > 0:
-            pure = torch.rand(b, generator=generator).to(dev) < self.config.p_pure_noise
+            pure = torch.rand(b, generator=generator, device=gdev).to(dev) < self.config.p_pure_noise
             s = torch.where(pure, torch.ones_like(s), s)
-        eps = torch.randn(x0.shape, generator=generator).to(dev)
+        eps = torch.randn(x0.shape, generator=generator, device=gdev).to(dev)
         x_t = s[:, None, None, None] * eps + (1 - s[:, None, None, None]) * x0
         v = self.velocity(x_t, s, codes, keep)
         return F.mse_loss(v, eps - x0)
