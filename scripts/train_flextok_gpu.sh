@@ -9,7 +9,8 @@
 # count from the speed of steps 20-120 and writes it to curve.json, so a run can be repeated with --steps.
 # Every finished phase is packed at once as OUT/<variant>-<phase>.tgz (float16 weights, curve, log).
 # Variants: A = the shipped architecture (patch 4, 16 registers, 3 + 3 layers); B = patch 2;
-# C = patch 2, 32 registers, 4 + 4 layers.
+# C = patch 2, 32 registers, 4 + 4 layers. DET_INIT=<saved FlexTok folder> continues that tokenizer's
+# deterministic phase instead of starting one (its architecture and auto-encoder kept; DET_LR, default 1e-3).
 set -u
 OUT=${OUT:-runs/ftgpu}
 W=${WORK:-/tmp/ftgpu}
@@ -20,6 +21,8 @@ P1=${P1:-4}
 P2=${P2:-2.5}
 WORKERS=${WORKERS:-14}
 VARIANTS=${VARIANTS:-A B C}
+DET_INIT=${DET_INIT:-}
+DET_LR=${DET_LR:-1e-3}
 AE=mmtoken/checkpoints/tiny-flextok
 export PYTHONUNBUFFERED=1
 mkdir -p "$W" "$OUT"
@@ -34,7 +37,9 @@ FlexTok.from_pretrained('$W/$1/tokenizer').save_pretrained('$W/$1/tokenizer16', 
 
 run() {  # $1: variant name; the rest: architecture flags
     local name=$1; shift
-    python3 $T --out "$W/$name-det" --ae-from $AE "${common[@]}" --minutes "$P1" "$@" > "$W/$name-det.log" 2>&1 \
+    local start=(--ae-from $AE)
+    [ -n "$DET_INIT" ] && start=(--init "$DET_INIT")
+    python3 $T --out "$W/$name-det" "${start[@]}" "${common[@]}" --minutes "$P1" --lr "$DET_LR" "$@" > "$W/$name-det.log" 2>&1 \
         && pack "$name-det" \
         && python3 $T --out "$W/$name-flow" --init "$W/$name-det/tokenizer" "${common[@]}" --minutes "$P2" \
             --p-pure-noise 0.3 --lr 3e-4 --eval-steps 10 > "$W/$name-flow.log" 2>&1 \
