@@ -193,6 +193,23 @@ def test_tokbench_runs_end_to_end(tmp_path):
     assert all(__import__("os").path.exists(f) for f in files)
 
 
+def test_tokbench_guidance_reaches_the_flextok_decoder_and_is_refused_for_seed():
+    from mmtoken.cli import main
+    from mmtoken.tokenizers import evaluate as tev
+
+    tok = _tiny()
+    tok.config.image_size = 16
+    torch.manual_seed(0)
+    for m in (tok.out, tok.out_ada[1], *(blk.ada[1] for blk in tok.dec)):  # zero-initialised (adaLN-zero):
+        torch.nn.init.normal_(m.weight, std=0.2)  # an untrained decoder would ignore its registers
+    plain = tev.evaluate(tok, None, limit=4, steps=2, batch=2, progress=False)
+    guided = tev.evaluate(tok, None, limit=4, steps=2, batch=2, progress=False, guidance=3.0)
+    assert guided["guidance"] == 3.0 and plain["guidance"] == 1.0
+    assert all(abs(a["psnr"] - b["psnr"]) > 1e-4 for a, b in zip(plain["rows"][2:], guided["rows"][2:]))
+    with pytest.raises(SystemExit, match="applies to FlexTok"):
+        main(["tokbench", "--tokenizer", "tiny-seed", "--model", "", "--guidance", "2", "--limit", "2"])
+
+
 def _tiny_seed(gen_grid=0):
     from mmtoken.tokenizers import Seed, SeedConfig
 

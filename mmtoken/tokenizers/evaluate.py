@@ -49,11 +49,13 @@ def _images_to_pil(x: Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch: int = 50, progress: bool = True) -> dict:
+def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch: int = 50, progress: bool = True,
+             guidance: float = 1.0) -> dict:
     """Rows per prefix length ``k`` (FlexTok: 1, 2, 4, ..., K; other tokenizers: K): PSNR and SSIM of the
     reconstructions of ``limit`` held-out synth-vqa images, and with ``lm`` its synth-vqa accuracy on them.
     Two references: the originals as the model sees them, and the originals after the tokenizer's own
-    resolution (down- then up-sampled): the best any tokenizer of that resolution could do."""
+    resolution (down- then up-sampled): the best any tokenizer of that resolution could do. ``guidance``
+    (FlexTok): the classifier-free guidance scale of its decoder (1: none)."""
     from ..benchmarks.runner import answer_batch
     from ..benchmarks.tasks import TASKS
 
@@ -88,7 +90,8 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
 
         bar = tqdm(total=len(ks), desc="prefix lengths")
     for k in ks:
-        rec = torch.cat([tok.decode(ids[i : i + batch, :k], steps=steps) for i in range(0, len(ids), batch)])
+        extra = {"guidance": guidance} if guidance != 1.0 else {}
+        rec = torch.cat([tok.decode(ids[i : i + batch, :k], steps=steps, **extra) for i in range(0, len(ids), batch)])
         pil = [im.resize((model_size, model_size)) for im in _images_to_pil(rec)]
         rows.append({"k": k, "label": f"{k} tokens", "psnr": float(psnr(rec, x).mean()), "ssim": float(ssim(rec, x).mean()),
                      "accuracy": accuracy(pil)})
@@ -96,7 +99,7 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return {"rows": rows, "n": len(items), "codes_used": int(torch.unique(ids).numel()), "decode_steps": steps}
+    return {"rows": rows, "n": len(items), "codes_used": int(torch.unique(ids).numel()), "decode_steps": steps, "guidance": guidance}
 
 
 def write(result: dict, out: str, title: str) -> list[str]:
