@@ -31,19 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmtoken.tokenizers import FlexTok, FlexTokConfig  # noqa: E402
 from mmtoken.tokenizers.evaluate import psnr  # noqa: E402
-from mmtoken.world import render_batch  # noqa: E402
-from mmtoken.world.scenes import sample_scene  # noqa: E402
+from mmtoken.world import render_seeds  # noqa: E402
 from mmtoken.world.tasks import HELD_OUT  # noqa: E402
 
 
 def images(seeds, size: int) -> torch.Tensor:
-    return render_batch([sample_scene(int(s)) for s in seeds], size)
-
-
-def _render_chunk(job: tuple) -> torch.Tensor:
-    seeds, size = job
-    torch.set_num_threads(1)
-    return images(seeds, size)
+    return render_seeds(seeds, size)
 
 
 def prefix_lengths(k: int) -> list[int]:
@@ -109,15 +102,16 @@ def cache_latents(tok: FlexTok, n: int, size: int, seed: int, chunk: int = 256, 
     and their order depend on ``seed`` alone; ``workers > 0`` renders them in that many processes."""
     rng = np.random.default_rng(seed + 2)
     seeds = rng.integers(0, 5_000_000, size=n)
-    jobs = [(seeds[i : i + chunk], size) for i in range(0, n, chunk)]
+    chunks = [seeds[i : i + chunk] for i in range(0, n, chunk)]
     dev = tok.latent_mean.device
     if workers > 0:
+        import functools
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers) as pool:
-            batches = pool.imap(_render_chunk, jobs)
+            batches = pool.imap(functools.partial(render_seeds, size=size), chunks)  # in order
             return torch.cat([tok.ae.encode(x.to(dev) * 2 - 1).cpu() for x in batches])
-    return torch.cat([tok.ae.encode(_render_chunk(j).to(dev) * 2 - 1).cpu() for j in jobs])
+    return torch.cat([tok.ae.encode(images(c, size).to(dev) * 2 - 1).cpu() for c in chunks])
 
 
 def load_ae(tok: FlexTok, path: str) -> None:

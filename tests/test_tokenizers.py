@@ -170,6 +170,30 @@ def test_flextok_training_script_quick_mode(tmp_path):
         assert torch.equal(a, b)  # the auto-encoder stays frozen
 
 
+def test_flextok_script_parallel_latent_cache_and_ae_from_a_folder(tmp_path):
+    """Scenes rendered by worker processes give the same cached latents, in the same order, as rendered
+    here; ``--ae-from`` takes a saved tokenizer folder as well as an ``ae.safetensors``."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("train_flextok", os.path.join(root, "scripts", "train_flextok.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    cfg = FlexTokConfig(image_size=32, patch=2, dim=32, heads=2, enc_layers=1, dec_layers=1, registers=4, levels=[5, 5],
+                        latent_channels=4, ae_widths=[8, 8])
+    tok = FlexTok(cfg).eval()
+    serial = script.cache_latents(tok, 10, 32, seed=3, chunk=4)
+    parallel = script.cache_latents(tok, 10, 32, seed=3, chunk=4, workers=2)
+    assert serial.shape == (10, 4, 8, 8) and torch.equal(serial, parallel)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    other = FlexTok(cfg)
+    assert not all(torch.equal(a, b) for a, b in zip(other.ae.parameters(), tok.ae.parameters()))
+    script.load_ae(other, str(tmp_path / "tok"))
+    assert all(torch.equal(a, b) for a, b in zip(other.ae.parameters(), tok.ae.parameters()))
+
+
 def test_psnr_and_ssim_on_known_cases():
     from mmtoken.tokenizers.evaluate import psnr, ssim
 

@@ -154,6 +154,12 @@ def render_batch(scenes: list[Scene], size: int | None = None):
     return torch.from_numpy(arr).permute(0, 3, 1, 2).div(255.0)
 
 
+def render_seeds(seeds, size: int):
+    """``render_batch`` of ``sample_scene(seed)`` for each seed: a module-level function, so that worker
+    processes can run it (training scripts render in parallel)."""
+    return render_batch([sample_scene(int(s)) for s in seeds], size)
+
+
 def render(scene: Scene, size: int | None = None) -> Image.Image:
     """The scene as an RGB image of ``size`` x ``size`` pixels (default: its canvas, 1 px per unit)."""
     size = size or scene.canvas
