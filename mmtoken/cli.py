@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=200, help="held-out synth-vqa images")
     s.add_argument("--steps", type=int, default=25, help="decoder steps (FlexTok: Euler steps)")
     s.add_argument("--guidance", type=float, default=1.0, help="FlexTok: classifier-free guidance scale (1: none)")
+    s.add_argument("--seeds", default="0", help="FlexTok: decoding seeds, comma-separated; rows report the mean and each seed")
     s.add_argument("--out", default="runs/tokbench")
     s.set_defaults(fn=_cmd_tokbench)
     return p
@@ -219,10 +220,14 @@ def _cmd_tokbench(args: argparse.Namespace) -> int:
     from .tokenizers import evaluate as tev
 
     tok = tokenizers.load(args.tokenizer)
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
+    if (args.guidance != 1.0 or seeds != [0]) and not tok.flexible_length:
+        raise SystemExit(f"--guidance and --seeds apply to FlexTok tokenizers; {args.tokenizer} is a {tok.kind} tokenizer")
     lm = load_model(args.model) if args.model else None
-    if args.guidance != 1.0 and not tok.flexible_length:
-        raise SystemExit(f"--guidance applies to FlexTok tokenizers; {args.tokenizer} is a {tok.kind} tokenizer")
-    result = tev.evaluate(tok, lm, limit=args.limit, steps=args.steps, guidance=args.guidance)
+    result = tev.evaluate(tok, lm, limit=args.limit, steps=args.steps, guidance=args.guidance, seeds=seeds)
     result["command"] = "mmtoken " + " ".join(sys.argv[1:])
     written = tev.write(result, args.out, f"{args.tokenizer} on {result['n']} held-out scenes")
     print(open(written[1]).read())

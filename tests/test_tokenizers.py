@@ -215,6 +215,22 @@ def test_tokbench_runs_end_to_end(tmp_path):
     assert ks == [0, 0, 1, 2, 4, 8] and all(0 <= r["accuracy"] <= 1 for r in res["rows"])
     files = tev.write(res, str(tmp_path), "tiny")
     assert all(__import__("os").path.exists(f) for f in files)
+    # several decoding seeds: a row is their mean, each seed kept; per-family accuracy averages to the whole
+    torch.manual_seed(0)
+    for m in (tok.out, tok.out_ada[1], *(blk.ada[1] for blk in tok.dec)):
+        torch.nn.init.normal_(m.weight, std=0.2)  # so that the noise, hence the seed, reaches the output
+    res = tev.evaluate(tok, load_model("tiny-llava"), limit=6, steps=2, batch=3, progress=False, seeds=(0, 1))
+    items = __import__("mmtoken.benchmarks.tasks", fromlist=["TASKS"]).TASKS["synth-vqa"].items(6)
+    counts = {f: [it.meta["family"] for it in items].count(f) for f in {it.meta["family"] for it in items}}
+    for r in res["rows"]:
+        assert abs(sum(counts[f] * a for f, a in r["families"].items()) / 6 - r["accuracy"]) < 1e-9
+        if r["k"]:
+            per = r["per_seed"]
+            assert [m["seed"] for m in per] == [0, 1] and per[0]["psnr"] != per[1]["psnr"]
+            assert abs(r["psnr"] - (per[0]["psnr"] + per[1]["psnr"]) / 2) < 1e-9
+    tev.write(res, str(tmp_path / "seeds"), "tiny")
+    md = (tmp_path / "seeds" / "summary.md").read_text()
+    assert "accuracy per seed" in md and "| family |" in md
 
 
 def test_tokbench_guidance_reaches_the_flextok_decoder_and_is_refused_for_seed():
@@ -230,8 +246,9 @@ def test_tokbench_guidance_reaches_the_flextok_decoder_and_is_refused_for_seed()
     guided = tev.evaluate(tok, None, limit=4, steps=2, batch=2, progress=False, guidance=3.0)
     assert guided["guidance"] == 3.0 and plain["guidance"] == 1.0
     assert all(abs(a["psnr"] - b["psnr"]) > 1e-4 for a, b in zip(plain["rows"][2:], guided["rows"][2:]))
-    with pytest.raises(SystemExit, match="applies to FlexTok"):
-        main(["tokbench", "--tokenizer", "tiny-seed", "--model", "", "--guidance", "2", "--limit", "2"])
+    for flag in (["--guidance", "2"], ["--seeds", "0,1"]):
+        with pytest.raises(SystemExit, match="apply to FlexTok"):
+            main(["tokbench", "--tokenizer", "tiny-seed", "--model", "", "--limit", "2", *flag])
 
 
 def _tiny_seed(gen_grid=0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +50,23 @@ def _images_to_pil(x: Tensor) -> list:
 
 
 def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch: int = 50, progress: bool = True,
-             guidance: float = 1.0) -> dict:
+             guidance: float = 1.0, seeds: Sequence[int] = (0,)) -> dict:
     """Rows per prefix length ``k`` (FlexTok: 1, 2, 4, ..., K; other tokenizers: K): PSNR and SSIM of the
-    reconstructions of ``limit`` held-out synth-vqa images, and with ``lm`` its synth-vqa accuracy on them.
-    Two references: the originals as the model sees them, and the originals after the tokenizer's own
-    resolution (down- then up-sampled): the best any tokenizer of that resolution could do. ``guidance``
-    (FlexTok): the classifier-free guidance scale of its decoder (1: none)."""
+    reconstructions of ``limit`` held-out synth-vqa images, and with ``lm`` its synth-vqa accuracy on them,
+    overall and per question family. Two references: the originals as the model sees them, and the
+    originals after the tokenizer's own resolution (down- then up-sampled): the best any tokenizer of that
+    resolution could do. FlexTok only: ``guidance`` is the classifier-free guidance scale of its decoder (1:
+    none); ``seeds`` are decoding seeds (each ``batch`` of images is decoded from the noise of that seed),
+    and a row reports the mean over them, with each seed's figures under ``per_seed`` when there are
+    several."""
     from ..benchmarks.runner import answer_batch
     from ..benchmarks.tasks import TASKS
 
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds: give at least one decoding seed")
+    if not tok.flexible_length and (guidance != 1.0 or seeds != [0]):
+        raise ValueError(f"guidance and decoding seeds apply to FlexTok tokenizers, not to a {tok.kind} tokenizer")
     items = TASKS["synth-vqa"].items(limit)
     size = tok.image_size
     full = [it.image for it in items]
@@ -69,48 +77,81 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
     if not ks or ks[-1] != tok.n_tokens:
         ks.append(tok.n_tokens)
     ids = torch.cat([tok.encode(x[i : i + batch]) for i in range(0, len(x), batch)])
+    family = [it.meta.get("family", "") for it in items]
 
-    def accuracy(images: list) -> float:
+    def accuracy(images: list) -> tuple[float, dict[str, float]]:
         if lm is None:
-            return float("nan")
-        correct = 0
+            return float("nan"), {}
+        right = []
         for i in range(0, len(items), batch):
             chunk = [type(it)(**{**it.__dict__, "image": im}) for it, im in zip(items[i : i + batch], images[i : i + batch])]
             preds, _, _ = answer_batch(lm, chunk, 4, "cpu")
-            correct += sum(p == it.answers[0] for p, it in zip(preds, chunk))
-        return correct / len(items)
+            right += [p == it.answers[0] for p, it in zip(preds, chunk)]
+        per = {f: sum(r for r, g in zip(right, family) if g == f) / family.count(f) for f in sorted(set(family))}
+        return sum(right) / len(items), per
+
+    def row(k: int, label: str, measured: list[dict]) -> dict:
+        out = {"k": k, "label": label}
+        for key in ("psnr", "ssim", "accuracy"):
+            if key in measured[0]:
+                out[key] = sum(m[key] for m in measured) / len(measured)
+        out["families"] = {f: sum(m["families"][f] for m in measured) / len(measured) for f in measured[0]["families"]}
+        if len(measured) > 1:
+            out["per_seed"] = [{key: v for key, v in m.items() if key != "families"} for m in measured]
+        return out
 
     model_size = lm.model.config.vision_config.image_size if lm is not None else size
     resized = [im.resize((size, size)).resize((model_size, model_size)) for im in full]
-    rows = [{"k": 0, "label": "original", "accuracy": accuracy(full)},
-            {"k": 0, "label": f"original at {size} px", "accuracy": accuracy(resized)}]
+    rows = []
+    for label, images in (("original", full), (f"original at {size} px", resized)):
+        acc, fam = accuracy(images)
+        rows.append(row(0, label, [{"accuracy": acc, "families": fam}]))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(ks), desc="prefix lengths")
+        bar = tqdm(total=len(ks) * len(seeds), desc="prefix lengths x seeds")
+    extra = {"guidance": guidance} if guidance != 1.0 else {}
     for k in ks:
-        extra = {"guidance": guidance} if guidance != 1.0 else {}
-        rec = torch.cat([tok.decode(ids[i : i + batch, :k], steps=steps, **extra) for i in range(0, len(ids), batch)])
-        pil = [im.resize((model_size, model_size)) for im in _images_to_pil(rec)]
-        rows.append({"k": k, "label": f"{k} tokens", "psnr": float(psnr(rec, x).mean()), "ssim": float(ssim(rec, x).mean()),
-                     "accuracy": accuracy(pil)})
-        if bar is not None:
-            bar.update(1)
+        measured = []
+        for seed in seeds:
+            kw = {"seed": seed, **extra} if tok.flexible_length else {}
+            rec = torch.cat([tok.decode(ids[i : i + batch, :k], steps=steps, **kw) for i in range(0, len(ids), batch)])
+            pil = [im.resize((model_size, model_size)) for im in _images_to_pil(rec)]
+            acc, fam = accuracy(pil)
+            measured.append({"seed": seed, "psnr": float(psnr(rec, x).mean()), "ssim": float(ssim(rec, x).mean()),
+                             "accuracy": acc, "families": fam})
+            if bar is not None:
+                bar.update(1)
+        rows.append(row(k, f"{k} tokens", measured))
     if bar is not None:
         bar.close()
-    return {"rows": rows, "n": len(items), "codes_used": int(torch.unique(ids).numel()), "decode_steps": steps, "guidance": guidance}
+    return {"rows": rows, "n": len(items), "codes_used": int(torch.unique(ids).numel()), "decode_steps": steps,
+            "guidance": guidance, "seeds": seeds}
 
 
 def write(result: dict, out: str, title: str) -> list[str]:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = ["| tokens | PSNR dB | SSIM | synth-vqa accuracy |", "|---|---|---|---|"]
+    several = len(result.get("seeds", [0])) > 1
+    mean = " (mean over seeds)" if several else ""
+    lines = [f"| tokens | PSNR dB{mean} | SSIM{mean} | synth-vqa accuracy{mean} |" + (" accuracy per seed |" if several else ""),
+             "|---|---|---|---|" + ("---|" if several else "")]
     for r in result["rows"]:
         p = f"{r['psnr']:.2f}" if "psnr" in r else ""
         s = f"{r['ssim']:.3f}" if "ssim" in r else ""
-        lines.append(f"| {r['label']} | {p} | {s} | {r['accuracy']:.3f} |")
+        per = ""
+        if several:
+            per = " " + ", ".join(f"{m['accuracy']:.3f}" for m in r["per_seed"]) + " |" if "per_seed" in r else " |"
+        lines.append(f"| {r['label']} | {p} | {s} | {r['accuracy']:.3f} |" + per)
+    families = list(result["rows"][0].get("families", {}))
+    if families:
+        shown = [r for r in result["rows"] if r["label"] != result["rows"][1]["label"]]
+        lines += ["", "Per question family" + mean + ":", "",
+                  "| family | " + " | ".join(r["label"] for r in shown) + " |", "|---|" + "---|" * len(shown)]
+        for f in families:
+            lines.append(f"| {f} | " + " | ".join(f"{r['families'][f]:.3f}" for r in shown) + " |")
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     written = [os.path.join(out, "summary.json"), os.path.join(out, "summary.md")]
