@@ -17,8 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mmtoken.tokenizers as T  # noqa: E402
 from mmtoken.tokenizers.base import to_tensor  # noqa: E402
-from mmtoken.tokenizers.evaluate import _images_to_pil  # noqa: E402
-from mmtoken.world import get_task  # noqa: E402
+from mmtoken.world import get_task, render  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -31,15 +30,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     tok = T.load(args.tokenizer)
     samples = get_task("synth-vqa").samples("test", args.n)
-    from mmtoken.world import render
-
     originals = [render(s.scene, tok.image_size) for s in samples]
     ids = tok.encode(to_tensor(originals, tok.image_size))
     ks = [2**i for i in range(tok.n_tokens.bit_length()) if 2**i <= tok.n_tokens] if tok.flexible_length else [tok.n_tokens]
     columns = [("original", originals)]
     for k in ks:
         kwargs = {"steps": args.steps} if tok.flexible_length else {}
-        columns.append((f"k = {k}", _images_to_pil(tok.decode(ids[:, :k], **kwargs))))
+        rec = (tok.decode(ids[:, :k], **kwargs).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        columns.append((f"k = {k}", [Image.fromarray(a) for a in rec]))
     s, top = args.size, 16
     sheet = Image.new("RGB", (s * len(columns), top + s * len(samples)), "white")
     draw = ImageDraw.Draw(sheet)

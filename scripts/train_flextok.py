@@ -72,7 +72,7 @@ def train_ae(tok: FlexTok, args, held: torch.Tensor, curve: dict) -> None:
     for step in range(args.ae_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(args.ae_lr, step, args.ae_steps, 100)
-        x = images(rng.integers(0, 5_000_000, size=args.ae_batch), args.image_size) * 2 - 1
+        x = images(rng.integers(0, 5_000_000, size=args.ae_batch), args.image_size).to(tok.latent_mean.device) * 2 - 1
         loss, rec = ae.loss(x, g)
         opt.zero_grad()
         loss.backward()
@@ -155,11 +155,14 @@ def main(argv=None):
     ap.add_argument("--eval-steps", type=int, default=1, help="Euler steps when decoding for the curve")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (random draws then happen on the GPU, so a run "
-                    "is reproducible on the same kind of device, not across kinds)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the training draws then come from a GPU generator: "
+                    "the same numbers on another GPU run, not on a CPU run)")
     ap.add_argument("--workers", type=int, default=0, help="processes that render the scenes to cache (0: this one)")
     ap.add_argument("--minutes", type=float, default=0.0, help="fit --steps to this wall-clock budget for the FlexTok "
-                    "stage: after 100 steps the step count is fixed from the measured speed (written to curve.json)")
+                    "stage: the step count is set from the pace of steps 20-120 and set again, from the pace so far "
+                    "(evaluations included), once a quarter of the budget has passed; the final count is written to "
+                    "curve.json. Repeating a run with that --steps gives the same schedule except for the learning "
+                    "rate of the first 120 steps, which used a provisional count")
     ap.add_argument("--init", default="", help="continue a saved FlexTok (its tokenizer folder) with this run's "
                     "optimiser settings and --p-pure-noise, e.g. a flow phase after a deterministic one; its "
                     "auto-encoder and latent statistics are kept")
@@ -204,7 +207,10 @@ def main(argv=None):
         if args.latent_cache and os.path.exists(args.latent_cache):
             from safetensors.torch import load_file
 
-            data = load_file(args.latent_cache)["latents"].float()[: args.data]
+            data = load_file(args.latent_cache)["latents"].float()
+            if len(data) < args.data:
+                raise SystemExit(f"{args.latent_cache}: holds {len(data)} latents, fewer than --data {args.data}")
+            data = data[: args.data]
         else:
             data = cache_latents(tok, args.data, args.image_size, args.seed, workers=args.workers)
             if args.latent_cache:
@@ -222,7 +228,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     g = torch.Generator(device=dev).manual_seed(args.seed)
     t1 = time.time()
-    step = 0
+    step, refitted = 0, False
     while step < args.steps:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(args.lr, step, args.steps, 200)
@@ -245,13 +251,20 @@ def main(argv=None):
             with open(os.path.join(args.out, "curve.json"), "w") as f:
                 json.dump(curve, f, indent=1)
         step += 1
-        if args.minutes and step == 20:
-            t20 = time.time()
-        if args.minutes and step == 120:  # steps 20-120 set the pace (the first ones include warm-up)
-            rate = (time.time() - t20) / 100
-            args.steps = max(121, int(120 + (args.minutes * 60 - (time.time() - t1)) / rate))
-            curve["args"]["steps"] = args.steps
-            print(f"{rate * 1000:.1f} ms a step: {args.steps} steps fit {args.minutes} min", flush=True)
+        if args.minutes:
+            refit = step == 120 or (not refitted and step > 120 and time.time() - t1 > args.minutes * 15)
+            if step == 20 or refit:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)  # the clock must see the queued work
+                now = time.time()
+            if step == 20:
+                t20 = now  # the first steps include warm-up
+            elif refit:
+                refitted = step > 120
+                rate = (now - t20) / (step - 20)
+                args.steps = max(step + 1, int(step + (args.minutes * 60 - (now - t1)) / rate))
+                curve["args"]["steps"] = args.steps
+                print(f"{rate * 1000:.1f} ms a step: {args.steps} steps fit {args.minutes} min", flush=True)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 
 

@@ -187,11 +187,11 @@ def test_flextok_script_parallel_latent_cache_and_ae_from_a_folder(tmp_path):
     serial = script.cache_latents(tok, 10, 32, seed=3, chunk=4)
     parallel = script.cache_latents(tok, 10, 32, seed=3, chunk=4, workers=2)
     assert serial.shape == (10, 4, 8, 8) and torch.equal(serial, parallel)
-    tok.save_pretrained(str(tmp_path / "tok"))
+    tok.save_pretrained(str(tmp_path / "tok"), dtype=torch.float16)  # as the shipped folders are stored
     other = FlexTok(cfg)
-    assert not all(torch.equal(a, b) for a, b in zip(other.ae.parameters(), tok.ae.parameters()))
+    assert not all(torch.equal(a, b.half().float()) for a, b in zip(other.ae.parameters(), tok.ae.parameters()))
     script.load_ae(other, str(tmp_path / "tok"))
-    assert all(torch.equal(a, b) for a, b in zip(other.ae.parameters(), tok.ae.parameters()))
+    assert all(a.dtype == torch.float32 and torch.equal(a, b.half().float()) for a, b in zip(other.ae.parameters(), tok.ae.parameters()))
 
 
 def test_psnr_and_ssim_on_known_cases():
@@ -238,7 +238,6 @@ def test_tokbench_guidance_reaches_the_flextok_decoder_and_is_refused_for_seed()
     from mmtoken.tokenizers import evaluate as tev
 
     tok = _tiny()
-    tok.config.image_size = 16
     torch.manual_seed(0)
     for m in (tok.out, tok.out_ada[1], *(blk.ada[1] for blk in tok.dec)):  # zero-initialised (adaLN-zero):
         torch.nn.init.normal_(m.weight, std=0.2)  # an untrained decoder would ignore its registers
