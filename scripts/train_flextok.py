@@ -155,19 +155,21 @@ def main(argv=None):
     ap.add_argument("--eval-steps", type=int, default=1, help="Euler steps when decoding for the curve")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (the training draws then come from a GPU generator: "
-                    "the same numbers on another GPU run, not on a CPU run)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the FlexTok stage's draws then come from a GPU "
+                    "generator: the same numbers on another GPU run, not on a CPU run)")
     ap.add_argument("--workers", type=int, default=0, help="processes that render the scenes to cache (0: this one)")
     ap.add_argument("--minutes", type=float, default=0.0, help="fit --steps to this wall-clock budget for the FlexTok "
                     "stage: the step count is set from the pace of steps 20-120 and set again, from the pace so far "
-                    "(evaluations included), once a quarter of the budget has passed; the final count is written to "
-                    "curve.json. Repeating a run with that --steps gives the same schedule except for the learning "
-                    "rate of the first 120 steps, which used a provisional count")
+                    "(evaluations included), once a quarter of the budget has passed. The final count and each re-fit "
+                    "are written to curve.json ('refits'); repeating the run with that --steps gives the same learning "
+                    "rates from the last re-fit on (before it, the schedule used the provisional counts)")
     ap.add_argument("--init", default="", help="continue a saved FlexTok (its tokenizer folder) with this run's "
                     "optimiser settings and --p-pure-noise, e.g. a flow phase after a deterministic one; its "
                     "auto-encoder and latent statistics are kept")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    if args.minutes and args.steps <= 120 and not args.quick:
+        raise SystemExit("--minutes sets the step count after step 120: give --steps above 120 (an upper bound)")
     if args.quick:
         args.steps, args.eval_every, args.eval_n, args.batch, args.eval_steps = 3, 3, 4, 4, 2
         args.dim, args.layers, args.registers, args.ae_steps, args.ae_batch, args.data = 32, 1, 8, 3, 4, 16
@@ -262,8 +264,9 @@ def main(argv=None):
             elif refit:
                 refitted = step > 120
                 rate = (now - t20) / (step - 20)
-                args.steps = max(step + 1, int(step + (args.minutes * 60 - (now - t1)) / rate))
+                args.steps = max(step + 1, int(step + (args.minutes * 60 - (now - t1)) / rate))  # one more step: it evaluates and saves
                 curve["args"]["steps"] = args.steps
+                curve.setdefault("refits", []).append({"step": step, "steps": args.steps, "s_per_step": rate})
                 print(f"{rate * 1000:.1f} ms a step: {args.steps} steps fit {args.minutes} min", flush=True)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 

@@ -25,7 +25,12 @@ VARIANTS=${VARIANTS:-A B C}
 DET_INIT=${DET_INIT:-}
 DET_LR=${DET_LR:-1e-3}
 AE=${DET_INIT:-mmtoken/checkpoints/tiny-flextok}  # the auto-encoder whose latents are cached
-if [ -n "$DET_INIT" ] && [ "$(echo $VARIANTS | wc -w)" != 1 ]; then
+set -- $VARIANTS
+[ $# -ge 1 ] || { echo "VARIANTS: name at least one of A, B, C" >&2; exit 2; }
+for v in "$@"; do
+    case $v in A|B|C) ;; *) echo "unknown variant $v (A, B or C)" >&2; exit 2 ;; esac
+done
+if [ -n "$DET_INIT" ] && [ $# -ne 1 ]; then
     echo "DET_INIT continues one tokenizer: name one variant (VARIANTS=A)" >&2; exit 2
 fi
 export PYTHONUNBUFFERED=1
@@ -41,7 +46,7 @@ FlexTok.from_pretrained('$W/$1/tokenizer').save_pretrained('$W/$1/tokenizer16', 
 
 run() {  # $1: variant name; the rest: architecture flags
     local name=$1; shift
-    local start=(--ae-from $AE)
+    local start=(--ae-from "$AE")
     [ -n "$DET_INIT" ] && start=(--init "$DET_INIT")
     python3 $T --out "$W/$name-det" "${start[@]}" "${common[@]}" --minutes "$P1" --lr "$DET_LR" "$@" > "$W/$name-det.log" 2>&1 \
         && pack "$name-det" \
@@ -55,7 +60,7 @@ run() {  # $1: variant name; the rest: architecture flags
 
 date
 # the shared latent cache (one step of a throwaway run writes it)
-python3 $T --out "$W/cache" --ae-from $AE "${common[@]}" --steps 1 --eval-n 8 --workers "$WORKERS" > "$W/cache.log" 2>&1 \
+python3 $T --out "$W/cache" --ae-from "$AE" "${common[@]}" --steps 1 --eval-n 8 --workers "$WORKERS" > "$W/cache.log" 2>&1 \
     || { cat "$W/cache.log"; exit 1; }
 grep -a "auto-encoder\|cached" "$W/cache.log"
 date
@@ -65,7 +70,6 @@ for v in $VARIANTS; do
         A) run A --patch 4 & ;;
         B) run B --patch 2 & ;;
         C) run C --patch 2 --registers 32 --layers 4 & ;;
-        *) echo "unknown variant $v (A, B or C)" >&2; exit 2 ;;
     esac
     pids+=($!)
 done

@@ -219,11 +219,27 @@ def test_tokbench_runs_end_to_end(tmp_path):
     torch.manual_seed(0)
     for m in (tok.out, tok.out_ada[1], *(blk.ada[1] for blk in tok.dec)):
         torch.nn.init.normal_(m.weight, std=0.2)  # so that the noise, hence the seed, reaches the output
-    res = tev.evaluate(tok, load_model("tiny-llava"), limit=6, steps=2, batch=3, progress=False, seeds=(0, 1))
+    import mmtoken.benchmarks.runner as runner
+
     items = __import__("mmtoken.benchmarks.tasks", fromlist=["TASKS"]).TASKS["synth-vqa"].items(6)
-    counts = {f: [it.meta["family"] for it in items].count(f) for f in {it.meta["family"] for it in items}}
+    families = [it.meta["family"] for it in items]
+    favoured = families[0]  # a fake model that answers this family's questions right and no other's
+
+    def fake_answers(lm, chunk, max_new, device):
+        return [it.answers[0] if it.meta["family"] == favoured else "?" for it in chunk], None, None
+
+    real = runner.answer_batch
+    runner.answer_batch = fake_answers
+    try:
+        res = tev.evaluate(tok, load_model("tiny-llava"), limit=6, steps=2, batch=3, progress=False, seeds=(0, 1))
+    finally:
+        runner.answer_batch = real
+    assert len(set(families)) > 1
     for r in res["rows"]:
-        assert abs(sum(counts[f] * a for f, a in r["families"].items()) / 6 - r["accuracy"]) < 1e-9
+        assert r["families"] == {f: float(f == favoured) for f in set(families)}
+        assert r["accuracy"] == families.count(favoured) / 6
+    res = tev.evaluate(tok, load_model("tiny-llava"), limit=6, steps=2, batch=3, progress=False, seeds=(0, 1))
+    for r in res["rows"]:
         if r["k"]:
             per = r["per_seed"]
             assert [m["seed"] for m in per] == [0, 1] and per[0]["psnr"] != per[1]["psnr"]
@@ -248,6 +264,10 @@ def test_tokbench_guidance_reaches_the_flextok_decoder_and_is_refused_for_seed()
     for flag in (["--guidance", "2"], ["--seeds", "0,1"]):
         with pytest.raises(SystemExit, match="apply to FlexTok"):
             main(["tokbench", "--tokenizer", "tiny-seed", "--model", "", "--limit", "2", *flag])
+    with pytest.raises(ValueError, match="apply to FlexTok"):
+        tev.evaluate(_tiny_seed(), None, limit=2, progress=False, seeds=(0, 1))
+    with pytest.raises(ValueError, match="distinct"):
+        tev.evaluate(tok, None, limit=2, progress=False, seeds=(0, 0))
 
 
 def _tiny_seed(gen_grid=0):

@@ -63,8 +63,8 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
     from ..benchmarks.tasks import TASKS
 
     seeds = list(seeds)
-    if not seeds:
-        raise ValueError("seeds: give at least one decoding seed")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: give one or more distinct decoding seeds, got {seeds}")
     if not tok.flexible_length and (guidance != 1.0 or seeds != [0]):
         raise ValueError(f"guidance and decoding seeds apply to FlexTok tokenizers, not to a {tok.kind} tokenizer")
     items = TASKS["synth-vqa"].items(limit)
@@ -97,7 +97,7 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
                 out[key] = sum(m[key] for m in measured) / len(measured)
         out["families"] = {f: sum(m["families"][f] for m in measured) / len(measured) for f in measured[0]["families"]}
         if len(measured) > 1:
-            out["per_seed"] = [{key: v for key, v in m.items() if key != "families"} for m in measured]
+            out["per_seed"] = measured
         return out
 
     model_size = lm.model.config.vision_config.image_size if lm is not None else size
