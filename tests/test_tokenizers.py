@@ -246,7 +246,7 @@ def test_tokbench_runs_end_to_end(tmp_path):
             assert abs(r["psnr"] - (per[0]["psnr"] + per[1]["psnr"]) / 2) < 1e-9
     tev.write(res, str(tmp_path / "seeds"), "tiny")
     md = (tmp_path / "seeds" / "summary.md").read_text()
-    assert "accuracy per seed" in md and "| family |" in md
+    assert "accuracy per seed" in md and "| family |" in md and "Decoding: 2 Euler steps, guidance 1, seeds 0, 1." in md
 
 
 def test_tokbench_guidance_reaches_the_flextok_decoder_and_is_refused_for_seed():

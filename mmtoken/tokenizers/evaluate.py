@@ -127,7 +127,7 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
     if bar is not None:
         bar.close()
     return {"rows": rows, "n": len(items), "codes_used": int(torch.unique(ids).numel()), "decode_steps": steps,
-            "guidance": guidance, "seeds": seeds}
+            "guidance": guidance, "seeds": seeds, "flexible_length": bool(tok.flexible_length)}
 
 
 def write(result: dict, out: str, title: str) -> list[str]:
@@ -145,6 +145,9 @@ def write(result: dict, out: str, title: str) -> list[str]:
         if several:
             per = " " + ", ".join(f"{m['accuracy']:.3f}" for m in r["per_seed"]) + " |" if "per_seed" in r else " |"
         lines.append(f"| {r['label']} | {p} | {s} | {r['accuracy']:.3f} |" + per)
+    if result.get("flexible_length"):
+        lines += ["", f"Decoding: {result['decode_steps']} Euler steps, guidance {result['guidance']:g}, "
+                  f"seed{'s' if several else ''} {', '.join(str(v) for v in result['seeds'])}."]
     families = list(result["rows"][0].get("families", {}))
     if families:
         shown = [r for r in result["rows"] if r["label"] != result["rows"][1]["label"]]
