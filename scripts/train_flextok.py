@@ -140,6 +140,8 @@ def main(argv=None):
     ap.add_argument("--levels", default="8,8,8,5,5,5")
     ap.add_argument("--p-pure-noise", type=float, default=1.0,
                     help="share of each batch at flow time 1 (1.0: a deterministic decoder; decode it with steps=1)")
+    ap.add_argument("--nested-probs", default="", help="probabilities of keeping k = 1, 2, 4, ..., K registers in "
+                    "nested dropout, comma-separated (default: uniform, as in the paper)")
     ap.add_argument("--latent-channels", type=int, default=8, help="0: pixel space (no auto-encoder)")
     ap.add_argument("--ae-widths", default="16,48,128")
     ap.add_argument("--ae-steps", type=int, default=2000)
@@ -181,12 +183,14 @@ def main(argv=None):
             raise SystemExit("--init keeps the loaded tokenizer's auto-encoder: drop --ae-from")
         tok = FlexTok.from_pretrained(args.init)
         tok.config.p_pure_noise = args.p_pure_noise
+        if args.nested_probs:
+            tok.config.nested_probs = [float(v) for v in args.nested_probs.split(",")]
         args.image_size = tok.config.image_size  # the architecture is the loaded one's
     else:
         tok = FlexTok(FlexTokConfig(
             image_size=args.image_size, patch=args.patch, dim=args.dim, heads=4, enc_layers=args.layers, dec_layers=args.layers,
             registers=args.registers, levels=[int(v) for v in args.levels.split(",")], p_pure_noise=args.p_pure_noise,
-            latent_channels=args.latent_channels, ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise,
+            latent_channels=args.latent_channels, nested_probs=[float(v) for v in args.nested_probs.split(",") if v], ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise,
         ))
     dev = torch.device(args.device)
     tok.to(dev)

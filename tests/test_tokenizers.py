@@ -204,6 +204,23 @@ def test_psnr_and_ssim_on_known_cases():
     assert torch.allclose(psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.1)), torch.tensor([20.0]), atol=1e-4)
 
 
+def test_flextok_nested_probs_weight_the_kept_prefix_lengths():
+    tok = _tiny()  # 8 registers: k in 1, 2, 4, 8
+    tok.config.p_uncond = 0.0
+    seen = []
+    real = tok.velocity
+    tok.velocity = lambda x_t, t, codes, keep: seen.append(keep.clone()) or real(x_t, t, codes, keep)
+    x = torch.rand(64, 3, 16, 16) * 2 - 1
+    tok.loss(x, torch.Generator().manual_seed(0))
+    assert set(seen[-1].tolist()) == {1, 2, 4, 8}  # uniform by default (the paper)
+    tok.config.nested_probs = [0.0, 0.0, 0.0, 1.0]
+    tok.loss(x, torch.Generator().manual_seed(0))
+    assert seen[-1].tolist() == [8] * 64
+    tok.config.nested_probs = [0.5, 0.5]
+    with pytest.raises(ValueError, match="nested_probs has 2 entries"):
+        tok.loss(x)
+
+
 def test_tokbench_runs_end_to_end(tmp_path):
     from mmtoken.models import load_model
     from mmtoken.tokenizers import evaluate as tev

@@ -29,7 +29,8 @@ The rest follows the paper in either space:
   the decoder a deterministic one-step decoder, to be decoded with ``steps=1``). On this CPU the
   registers learnt more than the mean colour only that way; ``tiny-flextok`` is trained at 1.0 first,
   then continued as a rectified flow at 0.3, which keeps the registers' content (docs/tokenizers.md). *Nested
-  dropout*: per image keep the first ``k`` registers, ``k`` drawn from ``1, 2, 4, ..., K``, and replace
+  dropout*: per image keep the first ``k`` registers, ``k`` drawn from ``1, 2, 4, ..., K`` (uniformly, as
+  in the paper; ``nested_probs``, ours, weights the choices), and replace
   the rest by a learned mask token; with probability ``p_uncond`` keep none (for classifier-free guidance).
 - **Decoding** any prefix ``ids[:, :k]``: registers beyond ``k`` are the mask token, then ``steps`` Euler
   steps from ``t = 1`` (noise, seeded, so decoding is deterministic) to ``t = 0``, optionally with
@@ -74,6 +75,8 @@ class FlexTokConfig:
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     p_uncond: float = 0.1
     p_pure_noise: float = 0.0
+    # nested dropout: probabilities of keeping k = 1, 2, 4, ..., K registers (ours; empty = uniform, the paper)
+    nested_probs: list[float] = field(default_factory=list)
     # latent mode (ours, the paper's VAE stage in miniature): 0 = pixel space; c > 0 = the register encoder
     # and the flow decoder work on the c-channel latent grid of a small convolutional auto-encoder
     # (conv_ae.py), trained first and frozen; ``patch`` then counts latent cells
@@ -274,7 +277,14 @@ class FlexTok(ImageTokenizer):
         codes, _ = self.fsq(self.register_outputs(x0))
         k = self.config.registers
         choices = torch.tensor([2**i for i in range(int(math.log2(k)) + 1) if 2**i <= k], device=dev)
-        keep = choices[torch.randint(len(choices), (b,), generator=generator, device=gdev).to(dev)]
+        if self.config.nested_probs:
+            probs = torch.tensor(self.config.nested_probs, dtype=torch.float, device=gdev)
+            if len(probs) != len(choices):
+                raise ValueError(f"nested_probs has {len(probs)} entries for {len(choices)} prefix lengths {choices.tolist()}")
+            pick = torch.multinomial(probs, b, replacement=True, generator=generator)
+        else:
+            pick = torch.randint(len(choices), (b,), generator=generator, device=gdev)
+        keep = choices[pick.to(dev)]
         uncond = torch.rand(b, generator=generator, device=gdev).to(dev) < self.config.p_uncond
         keep = torch.where(uncond, torch.zeros_like(keep), keep)
         s = torch.sigmoid(torch.randn(b, generator=generator, device=gdev)).to(dev)
