@@ -224,10 +224,10 @@ def _cmd_tokbench(args: argparse.Namespace) -> int:
         seeds = [int(v) for v in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--seeds: give distinct seeds, got {args.seeds!r}")
-    if (args.guidance != 1.0 or seeds != [0]) and not tok.flexible_length:
-        raise SystemExit(f"--guidance and --seeds apply to FlexTok tokenizers; {args.tokenizer} is a {tok.kind} tokenizer")
+    try:
+        tev.check_decoding(tok, args.guidance, seeds)  # before the model loads
+    except ValueError as exc:
+        raise SystemExit(f"{args.tokenizer}: {exc}") from None
     lm = load_model(args.model) if args.model else None
     result = tev.evaluate(tok, lm, limit=args.limit, steps=args.steps, guidance=args.guidance, seeds=seeds)
     result["command"] = "mmtoken " + " ".join(sys.argv[1:])

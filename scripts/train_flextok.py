@@ -35,10 +35,6 @@ from mmtoken.world import render_seeds  # noqa: E402
 from mmtoken.world.tasks import HELD_OUT  # noqa: E402
 
 
-def images(seeds, size: int) -> torch.Tensor:
-    return render_seeds(seeds, size)
-
-
 def prefix_lengths(k: int) -> list[int]:
     return [2**i for i in range(int(math.log2(k)) + 1) if 2**i <= k]
 
@@ -72,7 +68,7 @@ def train_ae(tok: FlexTok, args, held: torch.Tensor, curve: dict) -> None:
     for step in range(args.ae_steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(args.ae_lr, step, args.ae_steps, 100)
-        x = images(rng.integers(0, 5_000_000, size=args.ae_batch), args.image_size).to(tok.latent_mean.device) * 2 - 1
+        x = render_seeds(rng.integers(0, 5_000_000, size=args.ae_batch), args.image_size).to(tok.latent_mean.device) * 2 - 1
         loss, rec = ae.loss(x, g)
         opt.zero_grad()
         loss.backward()
@@ -111,7 +107,7 @@ def cache_latents(tok: FlexTok, n: int, size: int, seed: int, chunk: int = 256, 
         with mp.get_context("spawn").Pool(workers) as pool:
             batches = pool.imap(functools.partial(render_seeds, size=size), chunks)  # in order
             return torch.cat([tok.ae.encode(x.to(dev) * 2 - 1).cpu() for x in batches])
-    return torch.cat([tok.ae.encode(images(c, size).to(dev) * 2 - 1).cpu() for c in chunks])
+    return torch.cat([tok.ae.encode(render_seeds(c, size).to(dev) * 2 - 1).cpu() for c in chunks])
 
 
 def load_ae(tok: FlexTok, path: str) -> None:
@@ -170,6 +166,7 @@ def main(argv=None):
                     "auto-encoder and latent statistics are kept")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    nested_probs = [float(v) for v in args.nested_probs.split(",") if v]
     if args.minutes and args.steps <= 120 and not args.quick:
         raise SystemExit("--minutes sets the step count after step 120: give --steps above 120 (an upper bound)")
     if args.quick:
@@ -183,18 +180,18 @@ def main(argv=None):
             raise SystemExit("--init keeps the loaded tokenizer's auto-encoder: drop --ae-from")
         tok = FlexTok.from_pretrained(args.init)
         tok.config.p_pure_noise = args.p_pure_noise
-        if args.nested_probs:
-            tok.config.nested_probs = [float(v) for v in args.nested_probs.split(",")]
+        if nested_probs:
+            tok.config.nested_probs = nested_probs
         args.image_size = tok.config.image_size  # the architecture is the loaded one's
     else:
         tok = FlexTok(FlexTokConfig(
             image_size=args.image_size, patch=args.patch, dim=args.dim, heads=4, enc_layers=args.layers, dec_layers=args.layers,
             registers=args.registers, levels=[int(v) for v in args.levels.split(",")], p_pure_noise=args.p_pure_noise,
-            latent_channels=args.latent_channels, nested_probs=[float(v) for v in args.nested_probs.split(",") if v], ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise,
+            latent_channels=args.latent_channels, nested_probs=nested_probs, ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise,
         ))
     dev = torch.device(args.device)
     tok.to(dev)
-    held = images(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size).to(dev)
+    held = render_seeds(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size).to(dev)
     curve = {"args": vars(args), "ae_train": [], "ae_eval": [], "train": [], "eval": []}
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -241,7 +238,7 @@ def main(argv=None):
         if data is not None:
             loss = tok.flow_loss(data[torch.from_numpy(rng.integers(0, len(data), size=args.batch)).to(dev)], g)
         else:
-            loss = tok.loss(images(rng.integers(0, 5_000_000, size=args.batch), args.image_size).to(dev) * 2 - 1, g)
+            loss = tok.loss(render_seeds(rng.integers(0, 5_000_000, size=args.batch), args.image_size).to(dev) * 2 - 1, g)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

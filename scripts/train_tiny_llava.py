@@ -169,12 +169,12 @@ def readout_mask(question: str, scene, grid: int, last: bool) -> torch.Tensor:
     (raster order of its first patch) carries the answer; the other referents are left out. With causal
     attention over the image span only that object's tokens can see every referent, which answers
     that compare or count objects (relation, counts) need."""
+    if not last:
+        return referent_mask(question, scene, grid)
     masks = [m for m in object_masks(referents(question, scene), grid) if m.any()]
     out = torch.zeros(grid * grid)
     if not masks:
         return out
-    if not last:
-        return torch.stack(masks).amax(0)
     first = [int(m.nonzero()[0]) for m in masks]
     order = sorted(range(len(masks)), key=first.__getitem__)
     for i in order[:-1]:

@@ -221,7 +221,16 @@ def test_flextok_nested_probs_weight_the_kept_prefix_lengths():
         tok.loss(x)
 
 
-def test_tokbench_runs_end_to_end(tmp_path):
+def _condition_decoder(tok):
+    """Random weights in the decoder's zero-initialised (adaLN-zero) layers: untrained, it would ignore its
+    registers and its noise, so guidance and decoding seeds would change nothing."""
+    torch.manual_seed(0)
+    for m in (tok.out, tok.out_ada[1], *(blk.ada[1] for blk in tok.dec)):
+        torch.nn.init.normal_(m.weight, std=0.2)
+    return tok
+
+
+def test_tokbench_runs_end_to_end(tmp_path, monkeypatch):
     from mmtoken.models import load_model
     from mmtoken.tokenizers import evaluate as tev
 
@@ -233,9 +242,7 @@ def test_tokbench_runs_end_to_end(tmp_path):
     files = tev.write(res, str(tmp_path), "tiny")
     assert all(__import__("os").path.exists(f) for f in files)
     # several decoding seeds: a row is their mean, each seed kept; per-family accuracy averages to the whole
-    torch.manual_seed(0)
-    for m in (tok.out, tok.out_ada[1], *(blk.ada[1] for blk in tok.dec)):
-        torch.nn.init.normal_(m.weight, std=0.2)  # so that the noise, hence the seed, reaches the output
+    _condition_decoder(tok)  # so that the noise, hence the seed, reaches the output
     import mmtoken.benchmarks.runner as runner
 
     items = __import__("mmtoken.benchmarks.tasks", fromlist=["TASKS"]).TASKS["synth-vqa"].items(6)
@@ -245,12 +252,9 @@ def test_tokbench_runs_end_to_end(tmp_path):
     def fake_answers(lm, chunk, max_new, device):
         return [it.answers[0] if it.meta["family"] == favoured else "?" for it in chunk], None, None
 
-    real = runner.answer_batch
-    runner.answer_batch = fake_answers
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "answer_batch", fake_answers)
         res = tev.evaluate(tok, load_model("tiny-llava"), limit=6, steps=2, batch=3, progress=False, seeds=(0, 1))
-    finally:
-        runner.answer_batch = real
     assert len(set(families)) > 1
     for r in res["rows"]:
         assert r["families"] == {f: float(f == favoured) for f in set(families)}
@@ -270,10 +274,7 @@ def test_tokbench_guidance_reaches_the_flextok_decoder_and_is_refused_for_seed()
     from mmtoken.cli import main
     from mmtoken.tokenizers import evaluate as tev
 
-    tok = _tiny()
-    torch.manual_seed(0)
-    for m in (tok.out, tok.out_ada[1], *(blk.ada[1] for blk in tok.dec)):  # zero-initialised (adaLN-zero):
-        torch.nn.init.normal_(m.weight, std=0.2)  # an untrained decoder would ignore its registers
+    tok = _condition_decoder(_tiny())
     plain = tev.evaluate(tok, None, limit=4, steps=2, batch=2, progress=False)
     guided = tev.evaluate(tok, None, limit=4, steps=2, batch=2, progress=False, guidance=3.0)
     assert guided["guidance"] == 3.0 and plain["guidance"] == 1.0

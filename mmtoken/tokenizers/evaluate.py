@@ -49,6 +49,16 @@ def _images_to_pil(x: Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
+def check_decoding(tok: Any, guidance: float, seeds: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``seeds`` are one or more distinct decoding seeds and guidance and seeds
+    other than the defaults (1, seed 0) go to a tokenizer that takes them (FlexTok)."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: give one or more distinct decoding seeds, got {seeds}")
+    if not tok.flexible_length and (guidance != 1.0 or seeds != [0]):
+        raise ValueError(f"guidance and decoding seeds apply to FlexTok tokenizers, not to a {tok.kind} tokenizer")
+
+
 def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch: int = 50, progress: bool = True,
              guidance: float = 1.0, seeds: Sequence[int] = (0,)) -> dict:
     """Rows per prefix length ``k`` (FlexTok: 1, 2, 4, ..., K; other tokenizers: K): PSNR and SSIM of the
@@ -62,11 +72,8 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
     from ..benchmarks.runner import answer_batch
     from ..benchmarks.tasks import TASKS
 
+    check_decoding(tok, guidance, seeds)
     seeds = list(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds: give one or more distinct decoding seeds, got {seeds}")
-    if not tok.flexible_length and (guidance != 1.0 or seeds != [0]):
-        raise ValueError(f"guidance and decoding seeds apply to FlexTok tokenizers, not to a {tok.kind} tokenizer")
     items = TASKS["synth-vqa"].items(limit)
     size = tok.image_size
     full = [it.image for it in items]
