@@ -35,6 +35,35 @@ from mmtoken.world import render_seeds  # noqa: E402
 from mmtoken.world.tasks import HELD_OUT  # noqa: E402
 
 
+class StepBudget:
+    """Fits a run's step count to a wall-clock budget of ``minutes``. The pace is measured from step
+    ``WARM`` on (the first steps include warm-up); the count is set at step ``FIRST`` and set once more,
+    from the pace so far (evaluations included), once a quarter of the budget has passed."""
+
+    WARM, FIRST = 20, 120
+
+    def __init__(self, minutes: float):
+        self.budget_s = minutes * 60
+        self.t_warm = None
+        self.refitted = False
+
+    def due(self, step: int, elapsed: float) -> bool:
+        """Whether :meth:`clock` wants the time after ``step`` steps (``elapsed`` seconds so far)."""
+        late = not self.refitted and step > self.FIRST and elapsed > self.budget_s / 4
+        return step in (self.WARM, self.FIRST) or late
+
+    def clock(self, step: int, elapsed: float) -> dict | None:
+        """Record the (synchronised) time after ``step`` steps; on a re-fit, return ``{"step", "steps",
+        "s_per_step"}``: the new step count, at least ``step + 1`` (the last step evaluates and saves)."""
+        if step == self.WARM:
+            self.t_warm = elapsed
+            return None
+        self.refitted = step > self.FIRST
+        rate = (elapsed - self.t_warm) / (step - self.WARM)
+        steps = max(step + 1, int(step + (self.budget_s - elapsed) / rate))
+        return {"step": step, "steps": steps, "s_per_step": rate}
+
+
 def prefix_lengths(k: int) -> list[int]:
     return [2**i for i in range(int(math.log2(k)) + 1) if 2**i <= k]
 
@@ -190,6 +219,8 @@ def main(argv=None):
             latent_channels=args.latent_channels, nested_probs=nested_probs, ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise,
         ))
     dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch sees no CUDA device")
     tok.to(dev)
     held = render_seeds(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size).to(dev)
     curve = {"args": vars(args), "ae_train": [], "ae_eval": [], "train": [], "eval": []}
@@ -231,7 +262,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     g = torch.Generator(device=dev).manual_seed(args.seed)
     t1 = time.time()
-    step, refitted = 0, False
+    step, budget = 0, StepBudget(args.minutes) if args.minutes else None
     while step < args.steps:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(args.lr, step, args.steps, 200)
@@ -254,21 +285,15 @@ def main(argv=None):
             with open(os.path.join(args.out, "curve.json"), "w") as f:
                 json.dump(curve, f, indent=1)
         step += 1
-        if args.minutes:
-            refit = step == 120 or (not refitted and step > 120 and time.time() - t1 > args.minutes * 15)
-            if step == 20 or refit:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)  # the clock must see the queued work
-                now = time.time()
-            if step == 20:
-                t20 = now  # the first steps include warm-up
-            elif refit:
-                refitted = step > 120
-                rate = (now - t20) / (step - 20)
-                args.steps = max(step + 1, int(step + (args.minutes * 60 - (now - t1)) / rate))  # one more step: it evaluates and saves
+        if budget and budget.due(step, time.time() - t1):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)  # the clock must see the queued work
+            refit = budget.clock(step, time.time() - t1)
+            if refit:
+                args.steps = refit["steps"]
                 curve["args"]["steps"] = args.steps
-                curve.setdefault("refits", []).append({"step": step, "steps": args.steps, "s_per_step": rate})
-                print(f"{rate * 1000:.1f} ms a step: {args.steps} steps fit {args.minutes} min", flush=True)
+                curve.setdefault("refits", []).append(refit)
+                print(f"{refit['s_per_step'] * 1000:.1f} ms a step: {args.steps} steps fit {args.minutes} min", flush=True)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 
 

@@ -173,13 +173,7 @@ def test_flextok_training_script_quick_mode(tmp_path):
 def test_flextok_script_parallel_latent_cache_and_ae_from_a_folder(tmp_path):
     """Scenes rendered by worker processes give the same cached latents, in the same order, as rendered
     here; ``--ae-from`` takes a saved tokenizer folder as well as an ``ae.safetensors``."""
-    import importlib.util
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("train_flextok", os.path.join(root, "scripts", "train_flextok.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _train_flextok_script()
     torch.manual_seed(0)
     cfg = FlexTokConfig(image_size=32, patch=2, dim=32, heads=2, enc_layers=1, dec_layers=1, registers=4, levels=[5, 5],
                         latent_channels=4, ae_widths=[8, 8])
@@ -192,6 +186,52 @@ def test_flextok_script_parallel_latent_cache_and_ae_from_a_folder(tmp_path):
     assert not all(torch.equal(a, b.half().float()) for a, b in zip(other.ae.parameters(), tok.ae.parameters()))
     script.load_ae(other, str(tmp_path / "tok"))
     assert all(a.dtype == torch.float32 and torch.equal(a, b.half().float()) for a, b in zip(other.ae.parameters(), tok.ae.parameters()))
+
+
+def _train_flextok_script():
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("train_flextok", os.path.join(root, "scripts", "train_flextok.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_flextok_step_budget_fits_the_step_count_to_the_minutes():
+    """``--minutes``: a fake clock at 0.5 s a step after 10 s of warm-up, 5 minutes of budget."""
+    budget = _train_flextok_script().StepBudget(5.0)
+    clock = lambda step: 10.0 + 0.5 * (step - 20)  # noqa: E731
+    refits = []
+    for step in range(1, 1000):
+        if budget.due(step, clock(step)):
+            r = budget.clock(step, clock(step))
+            if r:
+                refits.append(r)
+    assert [r["step"] for r in refits] == [120, 151]  # at step 120, then once a quarter (75 s) has passed
+    for r in refits:
+        assert r["s_per_step"] == 0.5 and r["steps"] == 20 + int((300 - 10) / 0.5)  # 600 steps end at 300 s
+    # a pace that slows after the first fit moves the count down; never below the step after the current one
+    budget = _train_flextok_script().StepBudget(1.0)
+    assert budget.due(20, 1.0) and budget.clock(20, 1.0) is None
+    assert budget.clock(120, 11.0)["steps"] == 120 + int((60 - 11.0) / 0.1)
+    assert not budget.due(121, 14.0) and budget.due(121, 16.0)
+    assert budget.clock(121, 70.0)["steps"] == 122  # over budget: one more step evaluates and saves
+    assert not budget.due(500, 100.0)  # re-fitted once only
+
+
+def test_flextok_script_refuses_cuda_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "train_flextok.py"), "--quick", "--out", str(tmp_path),
+                        "--device", "cuda"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=600)
+    assert r.returncode != 0 and "--device cuda: this torch sees no CUDA device" in r.stderr
 
 
 def test_psnr_and_ssim_on_known_cases():
@@ -240,7 +280,10 @@ def test_tokbench_runs_end_to_end(tmp_path, monkeypatch):
     ks = [r["k"] for r in res["rows"]]
     assert ks == [0, 0, 1, 2, 4, 8] and all(0 <= r["accuracy"] <= 1 for r in res["rows"])
     files = tev.write(res, str(tmp_path), "tiny")
-    assert all(__import__("os").path.exists(f) for f in files)
+    assert [r["k"] for r in __import__("json").loads((tmp_path / "summary.json").read_text())["rows"]] == ks
+    table = (tmp_path / "summary.md").read_text().split("\n\n")[0].splitlines()  # the first table
+    assert [line.split(" | ")[0] for line in table[2:]] == [f"| {r['label']}" for r in res["rows"]]
+    assert {p.name for p in tmp_path.iterdir()} == {__import__("os").path.basename(f) for f in files}
     # several decoding seeds: a row is their mean, each seed kept; per-family accuracy averages to the whole
     _condition_decoder(tok)  # so that the noise, hence the seed, reaches the output
     import mmtoken.benchmarks.runner as runner
