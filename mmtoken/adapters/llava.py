@@ -614,9 +614,7 @@ class LlavaAdapter:
             )
         lengths = [length for r in runs for (_, length) in r]
         original = self._positions == "original"
-        if all(n.shape[0] == length for n, length in zip(new_feats, lengths)) and not (
-            original and any(not torch.equal(off := self._offsets[id(n)], torch.arange(n.shape[0], device=off.device)) for n in new_feats)
-        ):  # unchanged (in original mode: every token also where it was)
+        if self._unchanged(new_feats, lengths, original):
             return None
         right_padded = bool((am[:, -1] == 0).any()) and bool((am[:, 0] == 1).all())
         if original:  # the ids the full sequence gets: the caller's (generate() passes them), else the model's default
@@ -672,6 +670,19 @@ class LlavaAdapter:
             pos = new_mask.long().cumsum(-1) - 1
             a["position_ids"] = pos.masked_fill(new_mask == 0, 0)
         return SeqPlan(orig_len=l, new_mask=new_mask, shift=shift)
+
+    def _unchanged(self, new_feats: list[Tensor], lengths: list[int], original: bool) -> bool:
+        """Whether every image kept its placeholder count; with original position ids, also every token
+        where it was (a plugin may reorder tokens without dropping any)."""
+        if any(n.shape[0] != length for n, length in zip(new_feats, lengths)):
+            return False
+        if not original:
+            return True
+        for n in new_feats:
+            offsets = self._offsets[id(n)]
+            if not torch.equal(offsets, torch.arange(n.shape[0], device=offsets.device)):
+                return False
+        return True
 
     def _remember(self, cache: Any, plan: SeqPlan) -> None:
         for key in [k for k, (ref, _) in self._plans.items() if ref() is None]:
