@@ -109,8 +109,11 @@ def drop_tokens(rng, counts: list[int], drop: float, min_keep: float) -> list[to
     return keeps
 
 
-def question_batch(tasks, rng, n_images, q_per_image, n_max=5):
-    """``n_images`` fresh training scenes (at most ``n_max`` objects) with ``q_per_image`` questions each."""
+def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0.0, focus=None):
+    """``n_images`` fresh training scenes (at most ``n_max`` objects) with ``q_per_image`` questions each.
+    ``caption_partner`` > 0: training captions are imperfect the way prior-driven annotations are
+    (:func:`partner_caption`); held-out references stay exact. ``focus = (family, share)``: that share of
+    the synth-vqa questions is drawn again until it is of that family (when the scene allows it)."""
     from mmtoken.world.tasks import Sample
 
     samples = []
@@ -119,8 +122,31 @@ def question_batch(tasks, rng, n_images, q_per_image, n_max=5):
         for _ in range(q_per_image):
             task = tasks[int(rng.integers(len(tasks)))]
             family, question, answer = task.make(scene, rng, int(rng.integers(1 << 30)))
+            if focus and task.name == "synth-vqa" and rng.random() < focus[1]:
+                for _ in range(50):  # a family absent from the scene's draws (e.g. relation with one object) gives up
+                    if family == focus[0]:
+                        break
+                    family, question, answer = task.make(scene, rng, int(rng.integers(1 << 30)))
+            if family == "caption" and caption_partner > 0:
+                answer = partner_caption(scene, rng, caption_partner)
             samples.append(Sample(f"{task.name}/train/{seed}", task.name, scene, question, [answer], family))
     return samples
+
+
+def partner_caption(scene, rng, p: float) -> str:
+    """The scene's caption in which each present object whose ``PAIRS`` partner is absent is followed,
+    with probability ``p``, by that partner: the annotator names what usually comes with it (as
+    prior-driven captions do), so the training text itself carries the co-occurrence hallucination."""
+    from mmtoken.world.scenes import PARTNER
+
+    cats = scene.categories()
+    names = []
+    for o in sorted(scene.objects, key=lambda o: o.cell):
+        names.append(f"{o.colour} {o.shape}")
+        partner = PARTNER.get(o.category)
+        if partner and partner not in cats and rng.random() < p:
+            names.append(f"{partner[0]} {partner[1]}")
+    return (" , ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " ."
 
 
 def referents(question: str, scene) -> list:
@@ -143,6 +169,13 @@ def referents(question: str, scene) -> list:
     if cells:
         return [o for o in scene.objects if o.cell in cells]
     return list(scene.objects)
+
+
+def mentioned(question: str, scene) -> list:
+    """The objects named by "<colour> <shape>" in the question, in the order the question names them."""
+    words = question.split()
+    by_cat = {o.category: o for o in scene.objects}
+    return [by_cat[(a, b)] for a, b in zip(words, words[1:]) if (a, b) in by_cat]
 
 
 def object_masks(objects, grid: int) -> list[torch.Tensor]:
@@ -187,7 +220,8 @@ ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
 
 
 def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3,
-            readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1, readout_last=()):
+            readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1, readout_last=(), slots=None,
+            slot_families=(), slot_layer=3, roles=None, role_layer=2):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
     ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
@@ -195,7 +229,7 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     second dense loss at layer ``readout_layer``: the object's image tokens predict the answer, the other
     image tokens predict ``<pad>`` (nothing to report); for the families in ``readout_last`` only the
     last referent's tokens answer (:func:`readout_mask`). ``drop`` > 0: token-drop augmentation
-    (:func:`drop_tokens`)."""
+    (:func:`drop_tokens`). ``slots`` / ``roles``: the decomposed targets of :func:`decomposition_loss`."""
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     n_tok = grid * grid
     keeps = drop_tokens(rng, [n_tok] * len(samples), drop, min_keep)
@@ -208,13 +242,16 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     emb = model.model.get_input_embeddings()(ids)
     is_img = ids == model.config.image_token_id
     emb = emb.masked_scatter(is_img.unsqueeze(-1), feats.to(emb.dtype))
-    out = model(inputs_embeds=emb, attention_mask=mask, labels=labels, output_hidden_states=grounding is not None)
+    out = model(inputs_embeds=emb, attention_mask=mask, labels=labels,
+                output_hidden_states=grounding is not None or slots is not None or roles is not None)
+    aux = decomposition_loss(out.hidden_states, samples, keeps, is_img, labels, grid, slots, slot_families, slot_layer,
+                             roles, role_layer)
     if grounding is None:
-        return out.loss
+        return out.loss + aux
     full = [referent_mask(s.question, s.scene, grid) for s in samples]
     target = torch.cat([m[k] for m, k in zip(full, keeps)])
     h = out.hidden_states[grounding_layer][is_img]
-    aux = F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
+    aux = aux + F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
     if readout is not None:
         roles = [readout_mask(s.question, s.scene, grid, s.family in readout_last) if s.family in readout_families
                  else torch.full((n_tok,), -1.0) for s in samples]
@@ -229,6 +266,55 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
             logits_r = readout(out.hidden_states[readout_layer][is_img][rows])
             aux = aux + F.cross_entropy(logits_r, labels_r[rows])
     return out.loss + aux
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the position whose logits predict the first answer token (the last prompt token)."""
+    return (labels != -100).int().argmax(-1) - 1
+
+
+def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None, slot_families=(), slot_layer=3,
+                       roles=None, role_layer=2):
+    """Decomposed supervision for the questions that combine several objects (ours; 0 when both heads
+    are None). ``slots`` (a head with 27 outputs): at the answer position, layer ``slot_layer``
+    predicts the layout cells of the question's referents (9 outputs, multi-label; families in
+    ``slot_families``) and, for a question that names two objects (relation), the cell of the first
+    and of the second (9 + 9 outputs). The last layers then only have to compare or count what is
+    already gathered there. ``roles`` (a head with 3 outputs): for such questions each image token
+    predicts, at layer ``role_layer``, whether it belongs to the first named object, the second, or
+    neither; image tokens see the question, so they can tell the two apart."""
+    loss = torch.zeros(())
+    if slots is not None:
+        rows = [i for i, s in enumerate(samples) if s.family in slot_families]
+        if rows:
+            h = hidden[slot_layer][torch.tensor(rows), answer_positions(labels)[rows]]
+            logits = slots(h)
+            cells = torch.zeros(len(rows), 9)
+            for j, i in enumerate(rows):
+                for o in referents(samples[i].question, samples[i].scene):
+                    cells[j, o.cell] = 1.0
+            loss = loss + F.binary_cross_entropy_with_logits(logits[:, :9], cells)
+            pairs = [(j, mentioned(samples[i].question, samples[i].scene)) for j, i in enumerate(rows)]
+            pairs = [(j, m) for j, m in pairs if len(m) == 2]
+            if pairs:
+                idx = torch.tensor([j for j, _ in pairs])
+                first = torch.tensor([m[0].cell for _, m in pairs])
+                second = torch.tensor([m[1].cell for _, m in pairs])
+                loss = loss + F.cross_entropy(logits[idx, 9:18], first) + F.cross_entropy(logits[idx, 18:27], second)
+    if roles is not None:
+        targets = []
+        for s, k in zip(samples, keeps):
+            t = torch.full((grid * grid,), -100, dtype=torch.long)
+            named = mentioned(s.question, s.scene) if s.family == "relation" else []
+            if len(named) == 2:
+                t[:] = 0
+                for r, m in enumerate(object_masks(named, grid), start=1):
+                    t[m > 0] = r
+            targets.append(t[k])
+        target = torch.cat(targets)
+        if (target >= 0).any():
+            loss = loss + F.cross_entropy(roles(hidden[role_layer][is_img]), target, ignore_index=-100)
+    return loss
 
 
 @torch.no_grad()
@@ -291,6 +377,15 @@ def main(argv=None):
     p.add_argument("--readout-last", default="",
                    help="families whose answer only the last referent's tokens learn (e.g. relation,count,count_all); "
                         "the shipped phases 1-5 used none")
+    p.add_argument("--slots", default="",
+                   help="families that get the decomposed answer-position targets (referent cells; first and second "
+                        "named object's cell), e.g. relation,count_all,count,at_cell; the shipped phases 1-5 used none")
+    p.add_argument("--roles", type=float, default=0.0,
+                   help="1: relation questions' image tokens learn which named object they belong to (ours)")
+    p.add_argument("--caption-partner", type=float, default=0.0,
+                   help="probability that a training caption names a present object's absent co-occurrence partner "
+                        "after it (prior-driven annotation); held-out captions stay exact")
+    p.add_argument("--focus", default="", help="FAMILY:SHARE: that share of synth-vqa questions is of FAMILY (e.g. relation:0.5)")
     args = p.parse_args(argv)
     if args.quick:
         args.vision_steps = min(args.vision_steps, 3)
@@ -342,7 +437,11 @@ def main(argv=None):
     d_lm = config.text_config.hidden_size
     readout = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, len(tok))) if args.readout and grounding is not None else None
     params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
-    for head in (grounding, readout):
+    slot_families = set(args.slots.split(",")) - {""}
+    # intermediate hidden states are not normalised: a LayerNorm keeps the new heads' first logits small
+    slots = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 27)) if slot_families else None
+    roles = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 3)) if args.roles else None
+    for head in (grounding, readout, slots, roles):
         params += list(head.parameters()) if head is not None else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     tasks = []
@@ -351,15 +450,18 @@ def main(argv=None):
         tasks += [get_task(name)] * int(weight or 1)
     families = VQA_FAMILIES if args.readout_families == "all" else set(args.readout_families.split(","))
     readout_last = set(args.readout_last.split(",")) - {""}
+    focus = (args.focus.split(":")[0], float(args.focus.split(":")[1])) if args.focus else None
     model.train()
     ramp = max(1, int(args.curriculum * args.lm_steps))
     for step in range(args.lm_steps):
         for g in opt.param_groups:
             g["lr"] = cosine(step, args.lm_steps, 100, args.lr)
         n_max = 1 + min(4, (4 * step) // ramp) if args.curriculum else 5
-        samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max)
+        samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max, caption_partner=args.caption_partner,
+                                 focus=focus)
         loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
-                       rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last)
+                       rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last, slots=slots,
+                       slot_families=slot_families, roles=roles)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -267,3 +267,53 @@ def test_next_token_layout_targets_the_referent_object():
     hit = boxes[t > 0]
     centres = (hit[:, :2] + hit[:, 2:]) / 2
     assert ((centres - torch.tensor([o.cx, o.cy])).abs() <= 16).all() and 2 <= len(hit) <= 5
+
+
+def test_training_decomposition_targets_and_annotation_options():
+    """train_tiny_llava's decomposed relation targets (--slots, --roles), --focus and --caption-partner."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from train_tiny_llava import answer_positions, decomposition_loss, mentioned, partner_caption, question_batch
+
+    from mmtoken.world.scenes import PARTNER
+    from mmtoken.world.tasks import caption, caption_objects
+
+    rng = np.random.default_rng(0)
+    batch = question_batch([get_task("synth-vqa")], rng, 12, 2, focus=("relation", 1.0))
+    assert all(s.family == "relation" for s in batch if len(s.scene.objects) >= 2)
+    for s in batch[:6]:
+        if s.family == "relation":
+            a, b = mentioned(s.question, s.scene)
+            assert s.question.index(f"{a.colour} {a.shape}") < s.question.index(f"{b.colour} {b.shape}")
+    # captions: exact at p = 0; at p = 1 every absent partner of a present object follows it, nothing else added
+    scenes = [sample_scene(i) for i in range(60)]
+    lonely = [s for s in scenes if any(PARTNER.get(c) and PARTNER[c] not in s.categories() for c in s.categories())]
+    assert lonely and all(partner_caption(s, rng, 0.0) == caption(s) for s in scenes)
+    for s in lonely:
+        text = partner_caption(s, rng, 1.0)
+        added = caption_objects(text) - s.categories()
+        assert added == {PARTNER[c] for c in s.categories() if c in PARTNER and PARTNER[c] not in s.categories()}
+        for c in added:
+            mate = f"{PARTNER[c][0]} {PARTNER[c][1]}"
+            assert f"{mate} , {c[0]} {c[1]}" in text or f"{mate} and {c[0]} {c[1]}" in text
+    # the slot targets read the answer position only; roles only relation questions' image tokens
+    labels = torch.full((2, 6), -100)
+    labels[0, 4:] = 7
+    labels[1, 3:5] = 7
+    assert answer_positions(labels).tolist() == [3, 2]
+    relation = next(s for s in batch if s.family == "relation")
+    other = get_task("synth-vqa").samples("test", 30)
+    other = next(s for s in other if s.family == "colour")
+    grid, d = 3, 8
+    hidden = [torch.randn(2, 6, d, requires_grad=True) for _ in range(4)]
+    is_img = torch.zeros(2, 6, dtype=torch.bool)
+    is_img[:, :2] = True  # two visual tokens each (kept out of 9)
+    keeps = [torch.tensor([0, 4]), torch.tensor([4, 8])]
+    slots, roles = torch.nn.Linear(d, 27), torch.nn.Linear(d, 3)
+    samples = [relation, other]
+    assert float(decomposition_loss(hidden, samples, keeps, is_img, labels, grid)) == 0.0
+    loss = decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots, {"relation", "colour"}, 3, roles, 2)
+    loss.backward()
+    g3 = hidden[3].grad.abs().sum(-1)
+    assert torch.isfinite(loss) and {tuple(x) for x in g3.nonzero().tolist()} == {(0, 3), (1, 2)}
+    g2 = hidden[2].grad.abs().sum(-1)
+    assert {tuple(x) for x in g2.nonzero().tolist()} == {(0, 0), (0, 1)}  # the relation sample's visual tokens only
