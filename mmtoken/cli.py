@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=200, help="held-out synth-vqa images")
     s.add_argument("--steps", type=int, default=25, help="decoder steps (FlexTok: Euler steps)")
     s.add_argument("--guidance", type=float, default=1.0, help="FlexTok: classifier-free guidance scale (1: none)")
+    s.add_argument("--norm-guidance", action="store_true",
+                   help="FlexTok: apply the guidance as APG (adaptive projected guidance), as the official decoder does")
     s.add_argument("--seeds", default="0", help="FlexTok: decoding seeds, comma-separated; rows report the mean and each seed")
     s.add_argument("--out", default="runs/tokbench")
     s.set_defaults(fn=_cmd_tokbench)
@@ -225,11 +227,12 @@ def _cmd_tokbench(args: argparse.Namespace) -> int:
     except ValueError:
         raise SystemExit(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
     try:
-        tev.check_decoding(tok, args.guidance, seeds)  # before the model loads
+        tev.check_decoding(tok, args.guidance, seeds, args.norm_guidance)  # before the model loads
     except ValueError as exc:
         raise SystemExit(f"{args.tokenizer}: {exc}") from None
     lm = load_model(args.model) if args.model else None
-    result = tev.evaluate(tok, lm, limit=args.limit, steps=args.steps, guidance=args.guidance, seeds=seeds)
+    result = tev.evaluate(tok, lm, limit=args.limit, steps=args.steps, guidance=args.guidance, seeds=seeds,
+                          norm_guidance=args.norm_guidance)
     result["command"] = "mmtoken " + " ".join(sys.argv[1:])
     written = tev.write(result, args.out, f"{args.tokenizer} on {result['n']} held-out scenes")
     print(open(written[1]).read())

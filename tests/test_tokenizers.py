@@ -331,6 +331,51 @@ def test_tokbench_guidance_reaches_the_flextok_decoder_and_is_refused_for_seed()
         tev.evaluate(tok, None, limit=2, progress=False, seeds=(0, 0))
 
 
+def test_normalized_guidance_is_apg():
+    """APG: scale 1 is the conditional velocity; with eta 0 the update is orthogonal to it; the guidance
+    direction's norm is capped per image; momentum carries the previous step's direction."""
+    from mmtoken.tokenizers.flextok import normalized_guidance
+
+    torch.manual_seed(0)
+    c, u = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    assert torch.equal(normalized_guidance(c, u, 1.0, {}), c)
+    upd = (normalized_guidance(c, u, 3.0, {}, momentum=0.0, norm_threshold=0.0) - c) / 2
+    assert torch.allclose((upd * c).flatten(1).sum(1), torch.zeros(3), atol=1e-4)  # orthogonal to v_cond
+    par = ((c - u) * c).flatten(1).sum(1) / c.flatten(1).pow(2).sum(1)
+    assert torch.allclose(upd, (c - u) - par.view(-1, 1, 1, 1) * c, atol=1e-5)
+    full = normalized_guidance(c, u, 3.0, {}, momentum=0.0, eta=1.0, norm_threshold=0.0)
+    assert torch.allclose(full, u + 3.0 * (c - u), atol=1e-5)  # eta 1 without the cap: plain CFG
+    capped = normalized_guidance(c, u, 3.0, {}, momentum=0.0, eta=1.0, norm_threshold=0.5)
+    assert torch.allclose(((capped - c) / 2).flatten(1).norm(dim=1), torch.full((3,), 0.5), atol=1e-5)
+    state: dict = {}
+    normalized_guidance(c, u, 3.0, state, eta=1.0, norm_threshold=0.0)
+    second = normalized_guidance(c, c - 1.0, 3.0, state, eta=1.0, norm_threshold=0.0)
+    assert torch.allclose(second, c + 2.0 * (1.0 - 0.5 * (c - u)), atol=1e-5)  # d + momentum * previous d
+    # in the decoder: it changes the output, is deterministic, keeps images independent of their batch
+    tok = _condition_decoder(_tiny())
+    ids = tok.encode(torch.rand(3, 3, 16, 16))
+    apg = tok.decode(ids, steps=3, guidance=4.0, norm_guidance=True)
+    assert not torch.allclose(apg, tok.decode(ids, steps=3, guidance=4.0))
+    assert torch.equal(apg, tok.decode(ids, steps=3, guidance=4.0, norm_guidance=True))
+    one = tok.decode(ids[1:2], steps=3, guidance=4.0, norm_guidance=True, seed=0)
+    assert one.shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="guidance scale other than 1"):
+        tok.decode(ids, norm_guidance=True)
+
+
+def test_tokbench_norm_guidance_flag():
+    from mmtoken.cli import main
+    from mmtoken.tokenizers import evaluate as tev
+
+    tok = _condition_decoder(_tiny())
+    res = tev.evaluate(tok, None, limit=4, steps=2, batch=2, progress=False, guidance=3.0, norm_guidance=True)
+    plain = tev.evaluate(tok, None, limit=4, steps=2, batch=2, progress=False, guidance=3.0)
+    assert res["norm_guidance"] and not plain["norm_guidance"]
+    assert all(a["psnr"] != b["psnr"] for a, b in zip(plain["rows"][2:], res["rows"][2:]))  # it reaches the decoder
+    with pytest.raises(SystemExit, match="guidance scale other than 1"):
+        main(["tokbench", "--tokenizer", "tiny-flextok", "--model", "", "--limit", "2", "--norm-guidance"])
+
+
 def _tiny_seed(gen_grid=0):
     from mmtoken.tokenizers import Seed, SeedConfig
 

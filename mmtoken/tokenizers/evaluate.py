@@ -49,30 +49,33 @@ def _images_to_pil(x: Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-def check_decoding(tok: Any, guidance: float, seeds: Sequence[int]) -> None:
-    """Raise ``ValueError`` unless ``seeds`` are one or more distinct decoding seeds and guidance and seeds
-    other than the defaults (1, seed 0) go to a tokenizer that takes them (FlexTok)."""
+def check_decoding(tok: Any, guidance: float, seeds: Sequence[int], norm_guidance: bool = False) -> None:
+    """Raise ``ValueError`` unless ``seeds`` are one or more distinct decoding seeds, guidance and seeds
+    other than the defaults (1, seed 0) go to a tokenizer that takes them (FlexTok), and
+    ``norm_guidance`` comes with a guidance scale."""
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: give one or more distinct decoding seeds, got {seeds}")
-    if not tok.flexible_length and (guidance != 1.0 or seeds != [0]):
+    if not tok.flexible_length and (guidance != 1.0 or seeds != [0] or norm_guidance):
         raise ValueError(f"guidance and decoding seeds apply to FlexTok tokenizers, not to a {tok.kind} tokenizer")
+    if norm_guidance and guidance == 1.0:
+        raise ValueError("norm guidance (APG) shapes classifier-free guidance: give a guidance scale other than 1")
 
 
 def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch: int = 50, progress: bool = True,
-             guidance: float = 1.0, seeds: Sequence[int] = (0,)) -> dict:
+             guidance: float = 1.0, seeds: Sequence[int] = (0,), norm_guidance: bool = False) -> dict:
     """Rows per prefix length ``k`` (FlexTok: 1, 2, 4, ..., K; other tokenizers: K): PSNR and SSIM of the
     reconstructions of ``limit`` held-out synth-vqa images, and with ``lm`` its synth-vqa accuracy on them,
     overall and per question family. Two references: the originals as the model sees them, and the
     originals after the tokenizer's own resolution (down- then up-sampled): the best any tokenizer of that
     resolution could do. FlexTok only: ``guidance`` is the classifier-free guidance scale of its decoder (1:
-    none); ``seeds`` are decoding seeds (each ``batch`` of images is decoded from the noise of that seed),
+    none), applied in its APG form with ``norm_guidance``; ``seeds`` are decoding seeds (each ``batch`` of images is decoded from the noise of that seed),
     and a row reports the mean over them, with each seed's figures under ``per_seed`` when there are
     several."""
     from ..benchmarks.runner import answer_batch
     from ..benchmarks.tasks import TASKS
 
-    check_decoding(tok, guidance, seeds)
+    check_decoding(tok, guidance, seeds, norm_guidance)
     seeds = list(seeds)
     items = TASKS["synth-vqa"].items(limit)
     size = tok.image_size
@@ -118,7 +121,7 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(ks) * len(seeds), desc="prefix lengths x seeds")
-    extra = {"guidance": guidance} if guidance != 1.0 else {}
+    extra = {"guidance": guidance, "norm_guidance": norm_guidance} if guidance != 1.0 else {}
     for k in ks:
         measured = []
         for seed in seeds:
@@ -134,7 +137,8 @@ def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch:
     if bar is not None:
         bar.close()
     return {"rows": rows, "n": len(items), "codes_used": int(torch.unique(ids).numel()), "decode_steps": steps,
-            "guidance": guidance, "seeds": seeds, "flexible_length": bool(tok.flexible_length)}
+            "guidance": guidance, "norm_guidance": norm_guidance, "seeds": seeds,
+            "flexible_length": bool(tok.flexible_length)}
 
 
 def write(result: dict, out: str, title: str) -> list[str]:
@@ -153,7 +157,8 @@ def write(result: dict, out: str, title: str) -> list[str]:
             per = " " + ", ".join(f"{m['accuracy']:.3f}" for m in r["per_seed"]) + " |" if "per_seed" in r else " |"
         lines.append(f"| {r['label']} | {p} | {s} | {r['accuracy']:.3f} |" + per)
     if result.get("flexible_length"):
-        lines += ["", f"Decoding: {result['decode_steps']} Euler steps, guidance {result['guidance']:g}, "
+        apg = " (APG)" if result.get("norm_guidance") else ""
+        lines += ["", f"Decoding: {result['decode_steps']} Euler steps, guidance {result['guidance']:g}{apg}, "
                   f"seed{'s' if several else ''} {', '.join(str(v) for v in result['seeds'])}."]
     families = list(result["rows"][0].get("families", {}))
     if families:

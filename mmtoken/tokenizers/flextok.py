@@ -34,8 +34,10 @@ The rest follows the paper in either space:
   the rest by a learned mask token; with probability ``p_uncond`` keep none (for classifier-free guidance).
 - **Decoding** any prefix ``ids[:, :k]``: registers beyond ``k`` are the mask token, then ``steps`` Euler
   steps from ``t = 1`` (noise, seeded, so decoding is deterministic) to ``t = 0``, optionally with
-  classifier-free guidance ``v = v_uncond + guidance (v_cond - v_uncond)``; in latent mode the result is
-  decoded to pixels by the frozen auto-encoder.
+  classifier-free guidance ``v = v_uncond + guidance (v_cond - v_uncond)`` (the unconditional velocity
+  has every register masked), or with ``norm_guidance`` its adaptive projected form (APG, Sadat et al.
+  2024; :func:`normalized_guidance`), which the official decoder uses by default with scale 7.5; in latent
+  mode the result is decoded to pixels by the frozen auto-encoder.
 
 Initialisation: the (learned) patch positions start as 2-D sine-cosine embeddings (DiT keeps them fixed),
 and the registers and their decoder positions start at unit scale, so that neither the registers nor the
@@ -148,6 +150,29 @@ def register_mask(n_patches: int, n_registers: int, device: Any = None) -> Tenso
     allowed[n_patches:, :n_patches] = True
     allowed[n_patches:, n_patches:] = torch.ones(n_registers, n_registers, dtype=torch.bool, device=device).tril()
     return allowed
+
+
+def normalized_guidance(v_cond: Tensor, v_uncond: Tensor, scale: float, state: dict, momentum: float = -0.5,
+                        eta: float = 0.0, norm_threshold: float = 2.5) -> Tensor:
+    """Adaptive projected guidance (APG; Sadat et al., 2024, arXiv 2410.02416), one decoding step.
+
+    The guidance direction ``d = v_cond - v_uncond`` is averaged over the steps with ``momentum``
+    (``state`` carries the running average from step to step: pass the same dict for one decoding),
+    its norm per image is capped at ``norm_threshold``, and its component parallel to ``v_cond`` is
+    scaled by ``eta``: ``v = v_cond + (scale - 1) (d_orth + eta d_par)``. The parallel component is what
+    over-saturates at high scales. As the official FlexTok decoder does, it acts on the predicted
+    velocity, with its defaults (momentum -0.5, eta 0, threshold 2.5)."""
+    diff = v_cond - v_uncond
+    if momentum and "average" in state:
+        diff = diff + momentum * state["average"]
+    state["average"] = diff
+    dims = tuple(range(1, diff.dim()))
+    if norm_threshold > 0:
+        norm = diff.flatten(1).norm(dim=1).view(-1, *[1] * len(dims))
+        diff = diff * torch.clamp(norm_threshold / norm.clamp_min(1e-12), max=1.0)
+    unit = F.normalize(v_cond.flatten(1).double(), dim=1).view_as(v_cond)
+    parallel = ((diff.double() * unit).sum(dim=dims, keepdim=True) * unit).to(diff.dtype)
+    return v_cond + (scale - 1) * (diff - parallel + eta * parallel)
 
 
 class FlexTok(ImageTokenizer):
@@ -297,8 +322,13 @@ class FlexTok(ImageTokenizer):
         return F.mse_loss(v, eps - x0)
 
     @torch.no_grad()
-    def decode(self, ids: Tensor, steps: int = 25, guidance: float = 1.0, seed: int = 0) -> Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] from ids ``[B, k]`` (any ``1 <= k <= K``)."""
+    def decode(self, ids: Tensor, steps: int = 25, guidance: float = 1.0, seed: int = 0,
+               norm_guidance: bool = False) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] from ids ``[B, k]`` (any ``1 <= k <= K``). ``guidance`` != 1:
+        classifier-free guidance of that scale, in its APG form (:func:`normalized_guidance`) with
+        ``norm_guidance``."""
+        if norm_guidance and guidance == 1.0:
+            raise ValueError("norm_guidance shapes classifier-free guidance: give a guidance scale other than 1")
         b, k = ids.shape
         if not 0 <= k <= self.config.registers:
             raise ValueError(f"FlexTok decodes 0..{self.config.registers} tokens, got {k}")
@@ -310,11 +340,12 @@ class FlexTok(ImageTokenizer):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(b, self.in_ch, self.side, self.side, generator=g).to(dev)
         ts = torch.linspace(1.0, 0.0, steps + 1, device=dev)
+        state: dict = {}
         for i in range(steps):
             t = ts[i].expand(b)
             v = self.velocity(x, t, codes, keep)
             if guidance != 1.0:
                 v0 = self.velocity(x, t, codes, torch.zeros_like(keep))
-                v = v0 + guidance * (v - v0)
+                v = normalized_guidance(v, v0, guidance, state) if norm_guidance else v0 + guidance * (v - v0)
             x = x - (ts[i] - ts[i + 1]) * v
         return ((self.from_flow(x).clamp(-1, 1) + 1) / 2).float()
