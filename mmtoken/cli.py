@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=25, help="decoder steps (FlexTok: Euler steps)")
     s.add_argument("--guidance", type=float, default=1.0, help="FlexTok: classifier-free guidance scale (1: none)")
     s.add_argument("--norm-guidance", action="store_true",
-                   help="FlexTok: apply the guidance as APG (adaptive projected guidance), as the official decoder does")
+                   help="FlexTok: apply --guidance as APG (adaptive projected guidance); the official FlexTok README "
+                        "decodes with --guidance 7.5 and APG")
     s.add_argument("--seeds", default="0", help="FlexTok: decoding seeds, comma-separated; rows report the mean and each seed")
     s.add_argument("--out", default="runs/tokbench")
     s.set_defaults(fn=_cmd_tokbench)

@@ -195,6 +195,14 @@ def main(argv=None):
                     "auto-encoder and latent statistics are kept")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device: cpu, cuda or cuda:N, got {args.device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     nested_probs = [float(v) for v in args.nested_probs.split(",") if v]
     if args.minutes and args.steps <= 120 and not args.quick:
         raise SystemExit("--minutes sets the step count after step 120: give --steps above 120 (an upper bound)")
@@ -218,9 +226,6 @@ def main(argv=None):
             registers=args.registers, levels=[int(v) for v in args.levels.split(",")], p_pure_noise=args.p_pure_noise,
             latent_channels=args.latent_channels, nested_probs=nested_probs, ae_widths=[int(v) for v in args.ae_widths.split(",")], ae_noise=args.ae_noise,
         ))
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: this torch sees no CUDA device")
     tok.to(dev)
     held = render_seeds(range(HELD_OUT, HELD_OUT + args.eval_n), args.image_size).to(dev)
     curve = {"args": vars(args), "ae_train": [], "ae_eval": [], "train": [], "eval": []}

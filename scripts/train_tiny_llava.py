@@ -221,7 +221,7 @@ ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
 
 def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3,
             readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1, readout_last=(), slots=None,
-            slot_families=(), slot_layer=3, roles=None, role_layer=2):
+            slot_families=(), slot_layer=3, roles=None, role_layer=2, role_weight=1.0):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
     ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
@@ -245,7 +245,7 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     out = model(inputs_embeds=emb, attention_mask=mask, labels=labels,
                 output_hidden_states=grounding is not None or slots is not None or roles is not None)
     aux = decomposition_loss(out.hidden_states, samples, keeps, is_img, labels, grid, slots, slot_families, slot_layer,
-                             roles, role_layer)
+                             roles, role_layer, role_weight)
     if grounding is None:
         return out.loss + aux
     full = [referent_mask(s.question, s.scene, grid) for s in samples]
@@ -253,12 +253,12 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     h = out.hidden_states[grounding_layer][is_img]
     aux = aux + F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
     if readout is not None:
-        roles = [readout_mask(s.question, s.scene, grid, s.family in readout_last) if s.family in readout_families
+        wants = [readout_mask(s.question, s.scene, grid, s.family in readout_last) if s.family in readout_families
                  else torch.full((n_tok,), -1.0) for s in samples]
-        role = torch.cat([r[k] for r, k in zip(roles, keeps)])
+        role = torch.cat([r[k] for r, k in zip(wants, keeps)])
         sample_of = torch.cat([torch.full((len(k),), i) for i, k in enumerate(keeps)])
         # a sample takes part when one of its referents is in the image
-        rows = torch.tensor([bool((r > 0).any()) for r in roles])[sample_of] & (role >= 0)
+        rows = torch.tensor([bool((r > 0).any()) for r in wants])[sample_of] & (role >= 0)
         if rows.any():
             answer = torch.tensor([tok.convert_tokens_to_ids(s.answers[0]) if s.family in readout_families else tok.pad_token_id
                                    for s in samples])[sample_of]
@@ -273,47 +273,66 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels != -100).int().argmax(-1) - 1
 
 
+def slot_targets(samples) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Per sample: its referents' layout cells ``[n, 9]`` (multi-label); the samples that name two
+    objects, and their cells ``[m, 2]`` (first named, second named)."""
+    cells = torch.zeros(len(samples), 9)
+    pairs, pair_cells = [], []
+    for j, s in enumerate(samples):
+        for o in referents(s.question, s.scene):
+            cells[j, o.cell] = 1.0
+        named = mentioned(s.question, s.scene)
+        if len(named) == 2:
+            pairs.append(j)
+            pair_cells.append([named[0].cell, named[1].cell])
+    return cells, pairs, torch.tensor(pair_cells, dtype=torch.long).reshape(-1, 2)
+
+
+def role_targets(samples, keeps, grid: int) -> torch.Tensor:
+    """Per kept visual token, concatenated over the samples: 1 or 2 where it lies in the first or the
+    second object a relation question names, 0 elsewhere in such a question's image, -100 (ignored) for
+    the other questions."""
+    targets = []
+    for s, k in zip(samples, keeps):
+        t = torch.full((grid * grid,), -100, dtype=torch.long)
+        named = mentioned(s.question, s.scene) if s.family == "relation" else []
+        if len(named) == 2:
+            t[:] = 0
+            for r, m in enumerate(object_masks(named, grid), start=1):
+                t[m > 0] = r
+        targets.append(t[k])
+    return torch.cat(targets)
+
+
+ROLE_WEIGHTS = (0.1, 1.0, 1.0)  # "neither" is about 91% of a relation question's visual tokens
+
+
 def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None, slot_families=(), slot_layer=3,
-                       roles=None, role_layer=2):
+                       roles=None, role_layer=2, role_weight=1.0):
     """Decomposed supervision for the questions that combine several objects (ours; 0 when both heads
     are None). ``slots`` (a head with 27 outputs): at the answer position, layer ``slot_layer``
     predicts the layout cells of the question's referents (9 outputs, multi-label; families in
     ``slot_families``) and, for a question that names two objects (relation), the cell of the first
     and of the second (9 + 9 outputs). The last layers then only have to compare or count what is
-    already gathered there. ``roles`` (a head with 3 outputs): for such questions each image token
+    already gathered there. ``roles`` (a head with 3 outputs): for relation questions each image token
     predicts, at layer ``role_layer``, whether it belongs to the first named object, the second, or
-    neither; image tokens see the question, so they can tell the two apart."""
+    neither (classes weighted by ``ROLE_WEIGHTS``; the loss by ``role_weight``); image tokens see the
+    question, so they can tell the two apart."""
     loss = torch.zeros(())
     if slots is not None:
         rows = [i for i, s in enumerate(samples) if s.family in slot_families]
         if rows:
-            h = hidden[slot_layer][torch.tensor(rows), answer_positions(labels)[rows]]
-            logits = slots(h)
-            cells = torch.zeros(len(rows), 9)
-            for j, i in enumerate(rows):
-                for o in referents(samples[i].question, samples[i].scene):
-                    cells[j, o.cell] = 1.0
+            logits = slots(hidden[slot_layer][torch.tensor(rows), answer_positions(labels)[rows]])
+            cells, pairs, pair_cells = slot_targets([samples[i] for i in rows])
             loss = loss + F.binary_cross_entropy_with_logits(logits[:, :9], cells)
-            pairs = [(j, mentioned(samples[i].question, samples[i].scene)) for j, i in enumerate(rows)]
-            pairs = [(j, m) for j, m in pairs if len(m) == 2]
             if pairs:
-                idx = torch.tensor([j for j, _ in pairs])
-                first = torch.tensor([m[0].cell for _, m in pairs])
-                second = torch.tensor([m[1].cell for _, m in pairs])
-                loss = loss + F.cross_entropy(logits[idx, 9:18], first) + F.cross_entropy(logits[idx, 18:27], second)
+                idx = torch.tensor(pairs)
+                loss = loss + F.cross_entropy(logits[idx, 9:18], pair_cells[:, 0]) + F.cross_entropy(logits[idx, 18:27], pair_cells[:, 1])
     if roles is not None:
-        targets = []
-        for s, k in zip(samples, keeps):
-            t = torch.full((grid * grid,), -100, dtype=torch.long)
-            named = mentioned(s.question, s.scene) if s.family == "relation" else []
-            if len(named) == 2:
-                t[:] = 0
-                for r, m in enumerate(object_masks(named, grid), start=1):
-                    t[m > 0] = r
-            targets.append(t[k])
-        target = torch.cat(targets)
+        target = role_targets(samples, keeps, grid)
         if (target >= 0).any():
-            loss = loss + F.cross_entropy(roles(hidden[role_layer][is_img]), target, ignore_index=-100)
+            weight = torch.tensor(ROLE_WEIGHTS)
+            loss = loss + role_weight * F.cross_entropy(roles(hidden[role_layer][is_img]), target, weight=weight, ignore_index=-100)
     return loss
 
 
@@ -381,12 +400,27 @@ def main(argv=None):
                    help="families that get the decomposed answer-position targets (referent cells; first and second "
                         "named object's cell), e.g. relation,count_all,count,at_cell; the shipped phases 1-5 used none")
     p.add_argument("--roles", type=float, default=0.0,
-                   help="1: relation questions' image tokens learn which named object they belong to (ours)")
+                   help="weight of a loss by which relation questions' image tokens learn which named object they "
+                        "belong to (ours; 0: off)")
     p.add_argument("--caption-partner", type=float, default=0.0,
                    help="probability that a training caption names a present object's absent co-occurrence partner "
                         "after it (prior-driven annotation); held-out captions stay exact")
     p.add_argument("--focus", default="", help="FAMILY:SHARE: that share of synth-vqa questions is of FAMILY (e.g. relation:0.5)")
     args = p.parse_args(argv)
+    focus = None
+    if args.focus:
+        family, _, share = args.focus.partition(":")
+        try:
+            focus = (family, float(share))
+        except ValueError:
+            p.error(f"--focus: FAMILY:SHARE with SHARE a number in (0, 1], got {args.focus!r}")
+        if family not in VQA_FAMILIES or not 0 < focus[1] <= 1:
+            p.error(f"--focus: FAMILY:SHARE with FAMILY one of {sorted(VQA_FAMILIES)} and SHARE in (0, 1], got {args.focus!r}")
+    slot_families = set(args.slots.split(",")) - {""}
+    if slot_families - VQA_FAMILIES:
+        p.error(f"--slots: unknown families {sorted(slot_families - VQA_FAMILIES)}; known: {sorted(VQA_FAMILIES)}")
+    if not 0 <= args.caption_partner <= 1:
+        p.error(f"--caption-partner: a probability, got {args.caption_partner}")
     if args.quick:
         args.vision_steps = min(args.vision_steps, 3)
         args.lm_steps, args.eval_every, args.eval_n, args.images = 3, 3, 20, 4
@@ -437,7 +471,6 @@ def main(argv=None):
     d_lm = config.text_config.hidden_size
     readout = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, len(tok))) if args.readout and grounding is not None else None
     params = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
-    slot_families = set(args.slots.split(",")) - {""}
     # intermediate hidden states are not normalised: a LayerNorm keeps the new heads' first logits small
     slots = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 27)) if slot_families else None
     roles = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 3)) if args.roles else None
@@ -450,7 +483,6 @@ def main(argv=None):
         tasks += [get_task(name)] * int(weight or 1)
     families = VQA_FAMILIES if args.readout_families == "all" else set(args.readout_families.split(","))
     readout_last = set(args.readout_last.split(",")) - {""}
-    focus = (args.focus.split(":")[0], float(args.focus.split(":")[1])) if args.focus else None
     model.train()
     ramp = max(1, int(args.curriculum * args.lm_steps))
     for step in range(args.lm_steps):
@@ -461,7 +493,7 @@ def main(argv=None):
                                  focus=focus)
         loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
                        rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last, slots=slots,
-                       slot_families=slot_families, roles=roles)
+                       slot_families=slot_families, roles=roles, role_weight=args.roles)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -347,18 +347,39 @@ def test_normalized_guidance_is_apg():
     assert torch.allclose(full, u + 3.0 * (c - u), atol=1e-5)  # eta 1 without the cap: plain CFG
     capped = normalized_guidance(c, u, 3.0, {}, momentum=0.0, eta=1.0, norm_threshold=0.5)
     assert torch.allclose(((capped - c) / 2).flatten(1).norm(dim=1), torch.full((3,), 0.5), atol=1e-5)
+    # momentum: the running average d_t + m d_(t-1) is kept before the norm cap
+    d1, d2, d3 = c - u, torch.full_like(c, 1.0), torch.full_like(c, -2.0)
     state: dict = {}
-    normalized_guidance(c, u, 3.0, state, eta=1.0, norm_threshold=0.0)
-    second = normalized_guidance(c, c - 1.0, 3.0, state, eta=1.0, norm_threshold=0.0)
-    assert torch.allclose(second, c + 2.0 * (1.0 - 0.5 * (c - u)), atol=1e-5)  # d + momentum * previous d
-    # in the decoder: it changes the output, is deterministic, keeps images independent of their batch
+    normalized_guidance(c, c - d1, 3.0, state, eta=1.0, norm_threshold=0.0)
+    second = normalized_guidance(c, c - d2, 3.0, state, eta=1.0, norm_threshold=0.0)
+    assert torch.allclose(second, c + 2.0 * (d2 - 0.5 * d1), atol=1e-5)
+    third = normalized_guidance(c, c - d3, 3.0, {"average": d2 - 0.5 * d1}, eta=1.0, norm_threshold=0.5)
+    expect = d3 - 0.5 * (d2 - 0.5 * d1)
+    expect = expect * (0.5 / expect.flatten(1).norm(dim=1)).clamp(max=1.0).view(-1, 1, 1, 1)
+    assert torch.allclose(third, c + 2.0 * expect, atol=1e-5)
+    state = {}
+    normalized_guidance(c, c - d1, 3.0, state, eta=1.0, norm_threshold=0.5)  # capped, but stored whole
+    assert torch.allclose(state["average"], d1)
+    # in the decoder: the conditional velocity first, one running average over the steps; deterministic,
+    # and an image's decoding does not depend on its batch
+    from mmtoken.tokenizers import flextok as ft
+
     tok = _condition_decoder(_tiny())
     ids = tok.encode(torch.rand(3, 3, 16, 16))
     apg = tok.decode(ids, steps=3, guidance=4.0, norm_guidance=True)
     assert not torch.allclose(apg, tok.decode(ids, steps=3, guidance=4.0))
     assert torch.equal(apg, tok.decode(ids, steps=3, guidance=4.0, norm_guidance=True))
-    one = tok.decode(ids[1:2], steps=3, guidance=4.0, norm_guidance=True, seed=0)
-    assert one.shape == (1, 3, 16, 16)
+    assert torch.allclose(tok.decode(ids[:1], steps=3, guidance=4.0, norm_guidance=True), apg[:1], atol=1e-5)
+    codes = tok.fsq.indices_to_codes(ids)
+    keep = torch.full((3,), ids.shape[1])
+    x = torch.randn(3, tok.in_ch, tok.side, tok.side, generator=torch.Generator().manual_seed(0))
+    ts, state = torch.linspace(1.0, 0.0, 4), {}
+    with torch.no_grad():
+        for i in range(3):
+            t = ts[i].expand(3)
+            v = ft.normalized_guidance(tok.velocity(x, t, codes, keep), tok.velocity(x, t, codes, 0 * keep), 4.0, state)
+            x = x - (ts[i] - ts[i + 1]) * v
+    assert torch.allclose(apg, (tok.from_flow(x).clamp(-1, 1) + 1) / 2, atol=1e-5)
     with pytest.raises(ValueError, match="guidance scale other than 1"):
         tok.decode(ids, norm_guidance=True)
 

@@ -271,8 +271,11 @@ def test_next_token_layout_targets_the_referent_object():
 
 def test_training_decomposition_targets_and_annotation_options():
     """train_tiny_llava's decomposed relation targets (--slots, --roles), --focus and --caption-partner."""
+    import re
+
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from train_tiny_llava import answer_positions, decomposition_loss, mentioned, partner_caption, question_batch
+    from train_tiny_llava import (answer_positions, decomposition_loss, mentioned, partner_caption, question_batch,
+                                  role_targets, slot_targets)
 
     from mmtoken.world.scenes import PARTNER
     from mmtoken.world.tasks import caption, caption_objects
@@ -280,10 +283,29 @@ def test_training_decomposition_targets_and_annotation_options():
     rng = np.random.default_rng(0)
     batch = question_batch([get_task("synth-vqa")], rng, 12, 2, focus=("relation", 1.0))
     assert all(s.family == "relation" for s in batch if len(s.scene.objects) >= 2)
-    for s in batch[:6]:
-        if s.family == "relation":
-            a, b = mentioned(s.question, s.scene)
-            assert s.question.index(f"{a.colour} {a.shape}") < s.question.index(f"{b.colour} {b.shape}")
+    relations = [s for s in batch if s.family == "relation"]
+    by_cat = lambda s: {o.category: o for o in s.scene.objects}  # noqa: E731
+    named = [[by_cat(s)[(c, sh)] for c, sh in re.findall(r"the (\w+) (\w+) (?:left|above|\?)", s.question)] for s in relations]
+    assert all(len(n) == 2 for n in named) and [mentioned(s.question, s.scene) for s in relations] == named
+    # slot targets: the referents' cells; first and second named object's cell
+    colour_q = next(s for s in get_task("synth-vqa").samples("test", 40) if s.family == "colour")
+    cells, pairs, pair_cells = slot_targets(relations + [colour_q])
+    assert pairs == list(range(len(relations))) and pair_cells.tolist() == [[a.cell, b.cell] for a, b in named]
+    for row, (a, b) in zip(cells, named):
+        assert row.nonzero().flatten().tolist() == sorted({a.cell, b.cell})
+    shape = colour_q.question.split()[-2]
+    assert cells[-1].nonzero().flatten().tolist() == sorted(o.cell for o in colour_q.scene.objects if o.shape == shape)
+    # role targets: kept tokens only, 1 / 2 inside the first / second named object, 0 elsewhere, -100 for others
+    grid, s, (a, b) = 12, relations[0], named[0]
+    centre = lambda i: ((i % grid + 0.5) * 8, (i // grid + 0.5) * 8)  # noqa: E731
+    inside = lambda o, i: o.box[0] <= centre(i)[0] <= o.box[2] and o.box[1] <= centre(i)[1] <= o.box[3]  # noqa: E731
+    in_b = [i for i in range(grid * grid) if inside(b, i)]
+    keep = torch.tensor([i for i in range(grid * grid) if i not in in_b])  # every patch of the second object dropped
+    t = role_targets([s, colour_q], [keep, torch.arange(5)], grid)
+    assert t.shape == (len(keep) + 5,) and (t[len(keep):] == -100).all()
+    assert t[: len(keep)].tolist() == [1 if inside(a, int(i)) else 0 for i in keep] and 1 in t.tolist()
+    full = role_targets([s], [torch.arange(grid * grid)], grid)
+    assert full.tolist() == [1 if inside(a, i) else 2 if inside(b, i) else 0 for i in range(grid * grid)]
     # captions: exact at p = 0; at p = 1 every absent partner of a present object follows it, nothing else added
     scenes = [sample_scene(i) for i in range(60)]
     lonely = [s for s in scenes if any(PARTNER.get(c) and PARTNER[c] not in s.categories() for c in s.categories())]
@@ -295,23 +317,20 @@ def test_training_decomposition_targets_and_annotation_options():
         for c in added:
             mate = f"{PARTNER[c][0]} {PARTNER[c][1]}"
             assert f"{mate} , {c[0]} {c[1]}" in text or f"{mate} and {c[0]} {c[1]}" in text
-    # the slot targets read the answer position only; roles only relation questions' image tokens
+    # the loss reads the answer position (slots) and the relation sample's visual tokens (roles) only
     labels = torch.full((2, 6), -100)
     labels[0, 4:] = 7
     labels[1, 3:5] = 7
     assert answer_positions(labels).tolist() == [3, 2]
-    relation = next(s for s in batch if s.family == "relation")
-    other = get_task("synth-vqa").samples("test", 30)
-    other = next(s for s in other if s.family == "colour")
-    grid, d = 3, 8
+    d = 8
     hidden = [torch.randn(2, 6, d, requires_grad=True) for _ in range(4)]
     is_img = torch.zeros(2, 6, dtype=torch.bool)
     is_img[:, :2] = True  # two visual tokens each (kept out of 9)
     keeps = [torch.tensor([0, 4]), torch.tensor([4, 8])]
     slots, roles = torch.nn.Linear(d, 27), torch.nn.Linear(d, 3)
-    samples = [relation, other]
-    assert float(decomposition_loss(hidden, samples, keeps, is_img, labels, grid)) == 0.0
-    loss = decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots, {"relation", "colour"}, 3, roles, 2)
+    samples = [relations[0], colour_q]
+    assert float(decomposition_loss(hidden, samples, keeps, is_img, labels, 3)) == 0.0
+    loss = decomposition_loss(hidden, samples, keeps, is_img, labels, 3, slots, {"relation", "colour"}, 3, roles, 2)
     loss.backward()
     g3 = hidden[3].grad.abs().sum(-1)
     assert torch.isfinite(loss) and {tuple(x) for x in g3.nonzero().tolist()} == {(0, 3), (1, 2)}

@@ -57,9 +57,11 @@ def check_decoding(tok: Any, guidance: float, seeds: Sequence[int], norm_guidanc
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: give one or more distinct decoding seeds, got {seeds}")
     if not tok.flexible_length and (guidance != 1.0 or seeds != [0] or norm_guidance):
-        raise ValueError(f"guidance and decoding seeds apply to FlexTok tokenizers, not to a {tok.kind} tokenizer")
+        raise ValueError(f"guidance (--guidance, --norm-guidance) and decoding seeds (--seeds) apply to FlexTok "
+                         f"tokenizers, not to a {tok.kind} tokenizer")
     if norm_guidance and guidance == 1.0:
-        raise ValueError("norm guidance (APG) shapes classifier-free guidance: give a guidance scale other than 1")
+        raise ValueError("norm guidance (--norm-guidance, APG) shapes classifier-free guidance: give a guidance scale "
+                         "other than 1 (--guidance)")
 
 
 def evaluate(tok: Any, lm: Any = None, limit: int = 200, steps: int = 25, batch: int = 50, progress: bool = True,
