@@ -138,6 +138,7 @@ def partner_caption(scene, rng, p: float) -> str:
     with probability ``p``, by that partner: the annotator names what usually comes with it (as
     prior-driven captions do), so the training text itself carries the co-occurrence hallucination."""
     from mmtoken.world.scenes import PARTNER
+    from mmtoken.world.tasks import caption_text
 
     cats = scene.categories()
     names = []
@@ -146,7 +147,7 @@ def partner_caption(scene, rng, p: float) -> str:
         partner = PARTNER.get(o.category)
         if partner and partner not in cats and rng.random() < p:
             names.append(f"{partner[0]} {partner[1]}")
-    return (" , ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " ."
+    return caption_text(names)
 
 
 def referents(question: str, scene) -> list:

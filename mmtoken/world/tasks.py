@@ -161,10 +161,13 @@ def _pope_question(scene: Scene, rng: np.random.Generator, index: int) -> tuple[
     return kind, f"is there a {cat[0]} {cat[1]} ?", "no"
 
 
-def caption(scene: Scene) -> str:
-    objs = sorted(scene.objects, key=lambda o: o.cell)
-    names = [f"{o.colour} {o.shape}" for o in objs]
+def caption_text(names: list[str]) -> str:
+    """``["red circle", "blue square", "green cross"]`` -> "red circle , blue square and green cross ."."""
     return (" , ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " ."
+
+
+def caption(scene: Scene) -> str:
+    return caption_text([f"{o.colour} {o.shape}" for o in sorted(scene.objects, key=lambda o: o.cell)])
 
 
 def caption_objects(text: str) -> set[tuple[str, str]]:
