@@ -406,6 +406,9 @@ def main(argv=None):
     p.add_argument("--caption-partner", type=float, default=0.0,
                    help="probability that a training caption names a present object's absent co-occurrence partner "
                         "after it (prior-driven annotation); held-out captions stay exact")
+    p.add_argument("--grow-layers", type=int, default=0,
+                   help="with --init: append this many decoder layers to the LM, each starting as a residual no-op "
+                        "(ours; the shipped phases 1-5 used none)")
     p.add_argument("--focus", default="", help="FAMILY:SHARE: that share of synth-vqa questions is of FAMILY (e.g. relation:0.5)")
     args = p.parse_args(argv)
     focus = None
@@ -420,6 +423,8 @@ def main(argv=None):
     slot_families = set(args.slots.split(",")) - {""}
     if slot_families - VQA_FAMILIES:
         p.error(f"--slots: unknown families {sorted(slot_families - VQA_FAMILIES)}; known: {sorted(VQA_FAMILIES)}")
+    if args.grow_layers < 0 or (args.grow_layers and not args.init):
+        p.error(f"--grow-layers: a count >= 0 that needs --init (a model to grow), got {args.grow_layers}")
     if not 0 <= args.caption_partner <= 1:
         p.error(f"--caption-partner: a probability, got {args.caption_partner}")
     if args.quick:
@@ -438,6 +443,8 @@ def main(argv=None):
         tok = AutoTokenizer.from_pretrained(args.init)
         model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
         tok, model = grow_vocabulary(tok, model, vocabulary(), args.seed)
+        if args.grow_layers:
+            grow_layers(model, args.grow_layers)
         config = model.config
     else:
         tok = build_tokenizer(vocabulary())
@@ -533,6 +540,29 @@ def grow_vocabulary(tok, model, words, seed):
     model.tie_weights()
     print(f"vocabulary grown from {len(old)} to {len(new)} words", flush=True)
     return new_tok, model
+
+
+def grow_layers(model, n: int):
+    """Appends ``n`` decoder layers to the LM, after its last one (ours, for circuits that need more
+    sequential steps than four layers give). Each new layer starts as a copy of the last layer with its
+    attention output and MLP down projections zeroed: a residual no-op, so the grown model answers
+    exactly as before until training moves it, while its queries, keys and features start from learnt
+    ones instead of noise. The auxiliary heads keep reading the layers they read before."""
+    import copy
+
+    lm = model.model.language_model
+    for _ in range(n):
+        layer = copy.deepcopy(lm.layers[-1])
+        layer.self_attn.layer_idx = len(lm.layers)
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        lm.layers.append(layer)
+    cfg = model.config.text_config
+    cfg.num_hidden_layers = len(lm.layers)
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[0]] * cfg.num_hidden_layers
+    print(f"language model grown to {cfg.num_hidden_layers} layers", flush=True)
+    return model
 
 
 def save(model, tok, out, curve):

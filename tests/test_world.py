@@ -336,3 +336,40 @@ def test_training_decomposition_targets_and_annotation_options():
     assert torch.isfinite(loss) and {tuple(x) for x in g3.nonzero().tolist()} == {(0, 3), (1, 2)}
     g2 = hidden[2].grad.abs().sum(-1)
     assert {tuple(x) for x in g2.nonzero().tolist()} == {(0, 0), (0, 1)}  # the relation sample's visual tokens only
+
+
+def test_grown_language_model_answers_as_before_and_saves_its_depth(tmp_path):
+    """--grow-layers appends residual no-op layers: same logits and generations, the new depth in the
+    config, a round trip through save_pretrained; the new layers do train (non-zero gradients)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from train_tiny_llava import grow_layers, main
+
+    from transformers import LlavaForConditionalGeneration
+    from mmtoken.world.build import tiny_llava_config
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(vocabulary())
+    model = LlavaForConditionalGeneration(tiny_llava_config(len(tok))).eval()
+    proc = build_processor(tok)
+    samples = get_task("synth-vqa").samples("test", 3)
+    enc = proc(text=[PROMPT.format(question=s.question) for s in samples], images=[render(s.scene) for s in samples],
+               return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**enc).logits
+        gen_before = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    grow_layers(model, 2)
+    assert model.config.text_config.num_hidden_layers == 6 == len(model.model.language_model.layers)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, before)
+        assert torch.equal(model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0), gen_before)
+    model.train()
+    model(**enc, labels=enc["input_ids"]).loss.backward()
+    new = model.model.language_model.layers[-1]
+    assert new.self_attn.o_proj.weight.grad.abs().sum() > 0 and new.mlp.down_proj.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert len(back.model.language_model.layers) == 6
+    with torch.no_grad():
+        assert torch.allclose(back(**enc).logits, before, atol=1e-5)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--grow-layers", "2"])  # nothing to grow without --init
