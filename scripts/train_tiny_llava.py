@@ -112,8 +112,9 @@ def drop_tokens(rng, counts: list[int], drop: float, min_keep: float) -> list[to
 def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0.0, focus=None):
     """``n_images`` fresh training scenes (at most ``n_max`` objects) with ``q_per_image`` questions each.
     ``caption_partner`` > 0: training captions are imperfect the way prior-driven annotations are
-    (:func:`partner_caption`); held-out references stay exact. ``focus = (family, share)``: that share of
-    the synth-vqa questions is drawn again until it is of that family (when the scene allows it)."""
+    (:func:`partner_caption`); held-out references stay exact. ``focus``: ``(family, share)`` pairs (or
+    one pair); each share of the synth-vqa questions is drawn again until it is of that family (when the
+    scene allows it)."""
     from mmtoken.world.tasks import Sample
 
     samples = []
@@ -122,15 +123,44 @@ def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0
         for _ in range(q_per_image):
             task = tasks[int(rng.integers(len(tasks)))]
             family, question, answer = task.make(scene, rng, int(rng.integers(1 << 30)))
-            if focus and task.name == "synth-vqa" and rng.random() < focus[1]:
+            wanted = focus_family(focus, rng.random()) if focus and task.name == "synth-vqa" else None
+            if wanted:
                 for _ in range(50):  # a family absent from the scene's draws (e.g. relation with one object) gives up
-                    if family == focus[0]:
+                    if family == wanted:
                         break
                     family, question, answer = task.make(scene, rng, int(rng.integers(1 << 30)))
             if family == "caption" and caption_partner > 0:
                 answer = partner_caption(scene, rng, caption_partner)
             samples.append(Sample(f"{task.name}/train/{seed}", task.name, scene, question, [answer], family))
     return samples
+
+
+def focus_family(focus, u: float) -> str | None:
+    """The family a synth-vqa question is redrawn to for a uniform draw ``u``: the shares of ``focus``
+    (``(family, share)`` pairs, or one pair) are consecutive intervals of [0, 1); None past their sum."""
+    pairs = [focus] if isinstance(focus[0], str) else focus
+    for family, share in pairs:
+        if u < share:
+            return family
+        u -= share
+    return None
+
+
+def parse_focus(text: str) -> list[tuple[str, float]]:
+    """``FAMILY:SHARE[,FAMILY:SHARE...]`` -> pairs; ValueError naming the problem."""
+    pairs = []
+    for part in text.split(","):
+        family, _, share = part.partition(":")
+        try:
+            value = float(share)
+        except ValueError:
+            raise ValueError(f"FAMILY:SHARE with SHARE a number in (0, 1], got {part!r}") from None
+        if family not in VQA_FAMILIES or not 0 < value <= 1:
+            raise ValueError(f"FAMILY:SHARE with FAMILY one of {sorted(VQA_FAMILIES)} and SHARE in (0, 1], got {part!r}")
+        pairs.append((family, value))
+    if sum(v for _, v in pairs) > 1 + 1e-9 or len({f for f, _ in pairs}) < len(pairs):
+        raise ValueError(f"the shares add up to at most 1, each family once, got {text!r}")
+    return pairs
 
 
 def partner_caption(scene, rng, p: float) -> str:
@@ -409,17 +439,15 @@ def main(argv=None):
     p.add_argument("--grow-layers", type=int, default=0,
                    help="with --init: append this many decoder layers to the LM, each starting as a residual no-op "
                         "(ours; the shipped phases 1-5 used none)")
-    p.add_argument("--focus", default="", help="FAMILY:SHARE: that share of synth-vqa questions is of FAMILY (e.g. relation:0.5)")
+    p.add_argument("--focus", default="", help="FAMILY:SHARE[,FAMILY:SHARE...]: that share of synth-vqa questions is of FAMILY (e.g. relation:0.5 "
+                        "or relation:0.3,at_cell:0.3)")
     args = p.parse_args(argv)
     focus = None
     if args.focus:
-        family, _, share = args.focus.partition(":")
         try:
-            focus = (family, float(share))
-        except ValueError:
-            p.error(f"--focus: FAMILY:SHARE with SHARE a number in (0, 1], got {args.focus!r}")
-        if family not in VQA_FAMILIES or not 0 < focus[1] <= 1:
-            p.error(f"--focus: FAMILY:SHARE with FAMILY one of {sorted(VQA_FAMILIES)} and SHARE in (0, 1], got {args.focus!r}")
+            focus = parse_focus(args.focus)
+        except ValueError as e:
+            p.error(f"--focus: {e}")
     slot_families = set(args.slots.split(",")) - {""}
     if slot_families - VQA_FAMILIES:
         p.error(f"--slots: unknown families {sorted(slot_families - VQA_FAMILIES)}; known: {sorted(VQA_FAMILIES)}")

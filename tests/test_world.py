@@ -274,8 +274,8 @@ def test_training_decomposition_targets_and_annotation_options():
     import re
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from train_tiny_llava import (answer_positions, decomposition_loss, mentioned, partner_caption, question_batch,
-                                  role_targets, slot_targets)
+    from train_tiny_llava import (answer_positions, decomposition_loss, focus_family, mentioned, parse_focus,
+                                  partner_caption, question_batch, role_targets, slot_targets)
 
     from mmtoken.world.scenes import PARTNER
     from mmtoken.world.tasks import caption, caption_objects
@@ -283,6 +283,16 @@ def test_training_decomposition_targets_and_annotation_options():
     rng = np.random.default_rng(0)
     batch = question_batch([get_task("synth-vqa")], rng, 12, 2, focus=("relation", 1.0))
     assert all(s.family == "relation" for s in batch if len(s.scene.objects) >= 2)
+    mixed = question_batch([get_task("synth-vqa")], np.random.default_rng(1), 200, 2,
+                           focus=parse_focus("relation:0.5,at_cell:0.5"))
+    fams = [s.family for s in mixed if len(s.scene.objects) >= 2]
+    # 50 redraws can miss a family (at_cell is one of 7-8 draws: (7/8)^50 ~ 0.1%)
+    assert sum(f in ("relation", "at_cell") for f in fams) >= 0.98 * len(fams)
+    assert 0.4 < fams.count("at_cell") / len(fams) < 0.6
+    assert [focus_family([("relation", 0.3), ("at_cell", 0.2)], u) for u in (0.1, 0.35, 0.6)] == ["relation", "at_cell", None]
+    for bad in ("relation", "relation:2", "nope:0.5", "relation:0.6,at_cell:0.6", "relation:0.2,relation:0.2"):
+        with pytest.raises(ValueError):
+            parse_focus(bad)
     relations = [s for s in batch if s.family == "relation"]
     by_cat = lambda s: {o.category: o for o in s.scene.objects}  # noqa: E731
     named = [[by_cat(s)[(c, sh)] for c, sh in re.findall(r"the (\w+) (\w+) (?:left|above|\?)", s.question)] for s in relations]
