@@ -200,7 +200,7 @@ class FlexTok(ImageTokenizer):
             raise ValueError(f"patch {c.patch} does not divide the {'latent' if self.ae else 'image'} side {side}")
         self.side = side
         self.grid = side // c.patch
-        n, d, pd = self.grid * self.grid, c.dim, self.in_ch * c.patch * c.patch
+        d, pd = c.dim, self.in_ch * c.patch * c.patch
         self.fsq = FSQ(c.levels)
         # encoder
         self.enc_in = torch.nn.Linear(pd, d)
