@@ -275,7 +275,7 @@ def test_training_decomposition_targets_and_annotation_options():
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from train_tiny_llava import (answer_positions, decomposition_loss, focus_family, mentioned, parse_focus,
-                                  partner_caption, question_batch, role_targets, slot_targets)
+                                  partner_caption, question_batch, role_targets, slot_targets, VQA_FAMILIES)
 
     from mmtoken.world.scenes import PARTNER
     from mmtoken.world.tasks import caption, caption_objects
@@ -290,6 +290,7 @@ def test_training_decomposition_targets_and_annotation_options():
     assert sum(f in ("relation", "at_cell") for f in fams) >= 0.98 * len(fams)
     assert 0.4 < fams.count("at_cell") / len(fams) < 0.6
     assert [focus_family([("relation", 0.3), ("at_cell", 0.2)], u) for u in (0.1, 0.35, 0.6)] == ["relation", "at_cell", None]
+    assert VQA_FAMILIES == {s.family for s in get_task("synth-vqa").samples("test", 300)}
     for bad in ("relation", "relation:2", "nope:0.5", "relation:0.6,at_cell:0.6", "relation:0.2,relation:0.2"):
         with pytest.raises(ValueError):
             parse_focus(bad)
