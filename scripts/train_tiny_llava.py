@@ -252,7 +252,7 @@ ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
 
 def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3,
             readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1, readout_last=(), slots=None,
-            slot_families=(), slot_layer=3, roles=None, role_layer=2, role_weight=1.0):
+            slot_families=(), slot_layer=3, roles=None, role_layer=2, role_weight=1.0, cells=None, cell_weight=1.0):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
     ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
@@ -260,7 +260,7 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     second dense loss at layer ``readout_layer``: the object's image tokens predict the answer, the other
     image tokens predict ``<pad>`` (nothing to report); for the families in ``readout_last`` only the
     last referent's tokens answer (:func:`readout_mask`). ``drop`` > 0: token-drop augmentation
-    (:func:`drop_tokens`). ``slots`` / ``roles``: the decomposed targets of :func:`decomposition_loss`."""
+    (:func:`drop_tokens`). ``slots`` / ``roles`` / ``cells``: the decomposed targets of :func:`decomposition_loss`."""
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     n_tok = grid * grid
     keeps = drop_tokens(rng, [n_tok] * len(samples), drop, min_keep)
@@ -274,9 +274,9 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     is_img = ids == model.config.image_token_id
     emb = emb.masked_scatter(is_img.unsqueeze(-1), feats.to(emb.dtype))
     out = model(inputs_embeds=emb, attention_mask=mask, labels=labels,
-                output_hidden_states=grounding is not None or slots is not None or roles is not None)
+                output_hidden_states=any(h is not None for h in (grounding, slots, roles, cells)))
     aux = decomposition_loss(out.hidden_states, samples, keeps, is_img, labels, grid, slots, slot_families, slot_layer,
-                             roles, role_layer, role_weight)
+                             roles, role_layer, role_weight, cells=cells, cell_weight=cell_weight)
     if grounding is None:
         return out.loss + aux
     full = [referent_mask(s.question, s.scene, grid) for s in samples]
@@ -335,11 +335,40 @@ def role_targets(samples, keeps, grid: int) -> torch.Tensor:
     return torch.cat(targets)
 
 
+def patch_cells(grid: int) -> torch.Tensor:
+    """``[grid * grid]``: the layout cell (0-8, row-major) of each patch, by its centre in the 96-px frame."""
+    from mmtoken.world.scenes import CANVAS
+
+    centres = (torch.arange(grid) + 0.5) * (CANVAS / grid)
+    index = (centres // (CANVAS / 3)).long().clamp(max=2)
+    return (index[:, None] * 3 + index[None, :]).flatten()
+
+
+def cell_targets(samples, keeps, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the questions that name a layout cell (at_cell), per kept visual token concatenated over the
+    samples: the asked cell (0-8) and whether the token's own patch lies in it (1 / 0); -100 for the
+    other questions' tokens."""
+    from mmtoken.world.scenes import CELLS
+
+    own = patch_cells(grid)
+    asked_all, match_all = [], []
+    for s, k in zip(samples, keeps):
+        cells = [CELLS.index(w) for w in s.question.split() if w in CELLS] if s.family == "at_cell" else []
+        asked = torch.full((len(k),), -100, dtype=torch.long)
+        match = torch.full((len(k),), -100, dtype=torch.long)
+        if len(cells) == 1:
+            asked[:] = cells[0]
+            match[:] = (own[k] == cells[0]).long()
+        asked_all.append(asked)
+        match_all.append(match)
+    return torch.cat(asked_all), torch.cat(match_all)
+
+
 ROLE_WEIGHTS = (0.1, 1.0, 1.0)  # "neither" is about 91% of a relation question's visual tokens
 
 
 def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None, slot_families=(), slot_layer=3,
-                       roles=None, role_layer=2, role_weight=1.0):
+                       roles=None, role_layer=2, role_weight=1.0, cells=None, cell_layer=1, cell_weight=1.0):
     """Decomposed supervision for the questions that combine several objects (ours; 0 when both heads
     are None). ``slots`` (a head with 27 outputs): at the answer position, layer ``slot_layer``
     predicts the layout cells of the question's referents (9 outputs, multi-label; families in
@@ -348,7 +377,10 @@ def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None,
     already gathered there. ``roles`` (a head with 3 outputs): for relation questions each image token
     predicts, at layer ``role_layer``, whether it belongs to the first named object, the second, or
     neither (classes weighted by ``ROLE_WEIGHTS``; the loss by ``role_weight``); image tokens see the
-    question, so they can tell the two apart."""
+    question, so they can tell the two apart. ``cells`` (a head with 11 outputs): for questions that
+    name a layout cell (at_cell), each image token predicts at layer ``cell_layer`` the asked cell (9-way:
+    it fetches the cell word from the question) and whether its own patch lies in that cell (2-way), the
+    two steps that selecting an object by where it is needs (loss weight ``cell_weight``)."""
     loss = torch.zeros(())
     if slots is not None:
         rows = [i for i, s in enumerate(samples) if s.family in slot_families]
@@ -364,6 +396,12 @@ def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None,
         if (target >= 0).any():
             weight = torch.tensor(ROLE_WEIGHTS)
             loss = loss + role_weight * F.cross_entropy(roles(hidden[role_layer][is_img]), target, weight=weight, ignore_index=-100)
+    if cells is not None:
+        asked, match = cell_targets(samples, keeps, grid)
+        if (asked >= 0).any():
+            logits = cells(hidden[cell_layer][is_img])
+            loss = loss + cell_weight * (F.cross_entropy(logits[:, :9], asked, ignore_index=-100)
+                                         + F.cross_entropy(logits[:, 9:], match, ignore_index=-100))
     return loss
 
 
@@ -433,6 +471,9 @@ def main(argv=None):
     p.add_argument("--roles", type=float, default=0.0,
                    help="weight of a loss by which relation questions' image tokens learn which named object they "
                         "belong to (ours; 0: off)")
+    p.add_argument("--cells", type=float, default=0.0,
+                   help="weight of a loss by which at_cell questions' image tokens learn the asked cell and whether "
+                        "they lie in it (ours; 0: off)")
     p.add_argument("--caption-partner", type=float, default=0.0,
                    help="probability that a training caption names a present object's absent co-occurrence partner "
                         "after it (prior-driven annotation); held-out captions stay exact")
@@ -510,7 +551,8 @@ def main(argv=None):
     # intermediate hidden states are not normalised: a LayerNorm keeps the new heads' first logits small
     slots = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 27)) if slot_families else None
     roles = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 3)) if args.roles else None
-    for head in (grounding, readout, slots, roles):
+    cells = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 11)) if args.cells else None
+    for head in (grounding, readout, slots, roles, cells):
         params += list(head.parameters()) if head is not None else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     tasks = []
@@ -529,7 +571,8 @@ def main(argv=None):
                                  focus=focus)
         loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
                        rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last, slots=slots,
-                       slot_families=slot_families, roles=roles, role_weight=args.roles)
+                       slot_families=slot_families, roles=roles, role_weight=args.roles, cells=cells,
+                       cell_weight=args.cells)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -275,7 +275,8 @@ def test_training_decomposition_targets_and_annotation_options():
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from train_tiny_llava import (answer_positions, decomposition_loss, focus_family, mentioned, parse_focus,
-                                  partner_caption, question_batch, role_targets, slot_targets, VQA_FAMILIES)
+                                  partner_caption, question_batch, role_targets, slot_targets, VQA_FAMILIES,
+                                  cell_targets, patch_cells)
 
     from mmtoken.world.scenes import PARTNER
     from mmtoken.world.tasks import caption, caption_objects
@@ -291,6 +292,21 @@ def test_training_decomposition_targets_and_annotation_options():
     assert 0.4 < fams.count("at_cell") / len(fams) < 0.6
     assert [focus_family([("relation", 0.3), ("at_cell", 0.2)], u) for u in (0.1, 0.35, 0.6)] == ["relation", "at_cell", None]
     assert VQA_FAMILIES == {s.family for s in get_task("synth-vqa").samples("test", 300)}
+    # cell targets: the asked cell and whether each kept token's patch lies in it, at_cell questions only
+    assert torch.equal(patch_cells(12), torch.as_tensor(patch_labels(sample_scene(0), 12)["cell"]).flatten())
+    cell_qs = [s for s in get_task("synth-vqa").samples("test", 60) if s.family in ("at_cell", "colour")][:6]
+    keeps = [torch.arange(144), torch.arange(0, 144, 3)] * 3
+    asked, match = cell_targets(cell_qs, keeps, 12)
+    start = 0
+    for s, k in zip(cell_qs, keeps):
+        a, m = asked[start : start + len(k)], match[start : start + len(k)]
+        start += len(k)
+        if s.family != "at_cell":
+            assert (a == -100).all() and (m == -100).all()
+            continue
+        cell = next(CELLS.index(w) for w in s.question.split() if w in CELLS)
+        assert (a == cell).all() and torch.equal(m, (patch_cells(12)[k] == cell).long())
+    assert any(s.family == "at_cell" for s in cell_qs) and any(s.family != "at_cell" for s in cell_qs)
     for bad in ("relation", "relation:2", "nope:0.5", "relation:0.6,at_cell:0.6", "relation:0.2,relation:0.2"):
         with pytest.raises(ValueError):
             parse_focus(bad)
