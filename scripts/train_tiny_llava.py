@@ -276,7 +276,7 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     out = model(inputs_embeds=emb, attention_mask=mask, labels=labels,
                 output_hidden_states=any(h is not None for h in (grounding, slots, roles, cells)))
     aux = decomposition_loss(out.hidden_states, samples, keeps, is_img, labels, grid, slots, slot_families, slot_layer,
-                             roles, role_layer, role_weight, cells=cells, cell_weight=cell_weight)
+                             roles, role_layer, role_weight, cell_head=cells, cell_weight=cell_weight)
     if grounding is None:
         return out.loss + aux
     full = [referent_mask(s.question, s.scene, grid) for s in samples]
@@ -368,7 +368,7 @@ ROLE_WEIGHTS = (0.1, 1.0, 1.0)  # "neither" is about 91% of a relation question'
 
 
 def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None, slot_families=(), slot_layer=3,
-                       roles=None, role_layer=2, role_weight=1.0, cells=None, cell_layer=1, cell_weight=1.0):
+                       roles=None, role_layer=2, role_weight=1.0, cell_head=None, cell_layer=1, cell_weight=1.0):
     """Decomposed supervision for the questions that combine several objects (ours; 0 when both heads
     are None). ``slots`` (a head with 27 outputs): at the answer position, layer ``slot_layer``
     predicts the layout cells of the question's referents (9 outputs, multi-label; families in
@@ -377,7 +377,7 @@ def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None,
     already gathered there. ``roles`` (a head with 3 outputs): for relation questions each image token
     predicts, at layer ``role_layer``, whether it belongs to the first named object, the second, or
     neither (classes weighted by ``ROLE_WEIGHTS``; the loss by ``role_weight``); image tokens see the
-    question, so they can tell the two apart. ``cells`` (a head with 11 outputs): for questions that
+    question, so they can tell the two apart. ``cell_head`` (a head with 11 outputs): for questions that
     name a layout cell (at_cell), each image token predicts at layer ``cell_layer`` the asked cell (9-way:
     it fetches the cell word from the question) and whether its own patch lies in that cell (2-way), the
     two steps that selecting an object by where it is needs (loss weight ``cell_weight``)."""
@@ -396,10 +396,10 @@ def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None,
         if (target >= 0).any():
             weight = torch.tensor(ROLE_WEIGHTS)
             loss = loss + role_weight * F.cross_entropy(roles(hidden[role_layer][is_img]), target, weight=weight, ignore_index=-100)
-    if cells is not None:
+    if cell_head is not None:
         asked, match = cell_targets(samples, keeps, grid)
         if (asked >= 0).any():
-            logits = cells(hidden[cell_layer][is_img])
+            logits = cell_head(hidden[cell_layer][is_img])
             loss = loss + cell_weight * (F.cross_entropy(logits[:, :9], asked, ignore_index=-100)
                                          + F.cross_entropy(logits[:, 9:], match, ignore_index=-100))
     return loss

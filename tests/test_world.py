@@ -363,6 +363,13 @@ def test_training_decomposition_targets_and_annotation_options():
     assert torch.isfinite(loss) and {tuple(x) for x in g3.nonzero().tolist()} == {(0, 3), (1, 2)}
     g2 = hidden[2].grad.abs().sum(-1)
     assert {tuple(x) for x in g2.nonzero().tolist()} == {(0, 0), (0, 1)}  # the relation sample's visual tokens only
+    # the cell head, beside the slots: at_cell samples' visual tokens at layer 1 only
+    at_cell_q = next(s for s in get_task("synth-vqa").samples("test", 60) if s.family == "at_cell")
+    hidden = [torch.randn(2, 6, d, requires_grad=True) for _ in range(4)]
+    loss = decomposition_loss(hidden, [relations[0], at_cell_q], keeps, is_img, labels, 3, slots, {"relation"}, 3,
+                              cell_head=torch.nn.Linear(d, 11), cell_layer=1)
+    loss.backward()
+    assert {tuple(x) for x in hidden[1].grad.abs().sum(-1).nonzero().tolist()} == {(1, 0), (1, 1)}
 
 
 def test_grown_language_model_answers_as_before_and_saves_its_depth(tmp_path):
