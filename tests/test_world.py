@@ -407,3 +407,29 @@ def test_grown_language_model_answers_as_before_and_saves_its_depth(tmp_path):
         assert torch.allclose(back(**enc).logits, before, atol=1e-5)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--grow-layers", "2"])  # nothing to grow without --init
+
+
+def test_caption_cooccurrence_decision_point():
+    """The teacher-forced prefix ends right after the present half of a pair, inside the exact caption, and
+    the probabilities read there do not depend on the batch (left padding)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from caption_cooccurrence import absent_partners, decision_prefixes, partner_probability
+
+    import mmtoken
+    from mmtoken.world.tasks import caption
+
+    samples = [s for s in get_task("synth-caption").samples("test", 200) if absent_partners(s.scene)]
+    cases = decision_prefixes(samples)
+    assert len(cases) >= 10
+    for s, prefix, partner, nxt in cases:
+        text = caption(s.scene)
+        assert text.startswith(prefix) and partner != nxt
+        names = prefix.replace(" ,", "").replace(" and", "").split()
+        mate = (names[-2], names[-1])
+        assert partner in {c[0] for c in absent_partners(s.scene)} and mate in s.scene.categories()
+        assert text[len(prefix):].split()[0] == nxt  # the next real object's colour comes next
+    lm = mmtoken.load_model("tiny-llava")
+    one_by_one = [partner_probability(lm, [s], 1)["p_partner_mean"] for s, *_ in cases[:4]]
+    together = partner_probability(lm, [s for s, *_ in cases[:4]], 4)
+    assert together["cases"] == 4 and 0 <= together["partner_likelier"] <= 4
+    assert abs(together["p_partner_mean"] - sum(one_by_one) / 4) < 1e-4
