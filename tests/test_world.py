@@ -433,3 +433,18 @@ def test_caption_cooccurrence_decision_point():
     together = partner_probability(lm, [s for s, *_ in cases[:4]], 4)
     assert together["cases"] == 4 and 0 <= together["partner_likelier"] <= 4
     assert abs(together["p_partner_mean"] - sum(one_by_one) / 4) < 1e-4
+
+
+def test_probe_script_reports_every_layer(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from probe_tiny_llava import main, questions
+
+    qs = questions("at_cell", 24)
+    assert len(qs) == 24 and all(s.family == "at_cell" and len(s.scene.objects) >= 3 for s in qs)
+    main(["--family", "at_cell", "--n", "24", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("layer") and "recall" in line] == [
+        f"layer {i}" for i in range(5)]
+    assert "asked cell" in out and "per head" in out
+    with pytest.raises(SystemExit):
+        main(["--family", "nope", "--n", "24"])
