@@ -48,17 +48,17 @@ def measure(lm, samples, batch: int) -> dict:
 
 def decision_prefixes(samples) -> list[tuple[object, str, str, str]]:
     """Per scene with an absent partner whose present half is followed by another object of a different
-    colour: (sample, exact caption prefix up to the separator after the present half, the partner's
-    colour word, the next object's colour word)."""
+    colour, and by a comma (not "and": a caption that names the partner puts it after "mate ," only):
+    (sample, exact caption prefix up to that comma, the partner's colour word, the next object's colour
+    word)."""
     out = []
     for s in samples:
         cats = s.scene.categories()
         objs = sorted(s.scene.objects, key=lambda o: o.cell)
-        for i, o in enumerate(objs[:-1]):
+        for i, o in enumerate(objs[:-2]):  # the object after the mate is not the last one: a comma follows the mate
             partner = PARTNER.get(o.category)
             if partner and partner not in cats and partner[0] != objs[i + 1].colour:
-                sep = " ," if i + 1 < len(objs) - 1 else " and"
-                prefix = " , ".join(x.name for x in objs[: i + 1]) + sep
+                prefix = " , ".join(x.name for x in objs[: i + 1]) + " ,"
                 out.append((s, prefix, partner[0], objs[i + 1].colour))
                 break
     return out

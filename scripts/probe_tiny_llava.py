@@ -2,7 +2,8 @@
 
     python scripts/probe_tiny_llava.py --model tiny-llava --family at_cell [--n 400]
 
-For each LM layer's hidden states (0: the input embeddings; L: after decoder layer L) it reports:
+For each LM layer's hidden states (0: the input embeddings; L: after decoder layer L; the last entry
+is, as transformers returns it, after the final RMSNorm as well) it reports:
 
 - **grounding**: an MLP probe (one hidden layer) from each visual token's state to "this token lies in
   an object the question is about" (the training script's referent mask), recall / precision on the
@@ -10,8 +11,9 @@ For each LM layer's hidden states (0: the input embeddings; L: after decoder lay
 - **cells** (families that name a layout cell: at_cell): linear probes from a visual token's state to
   the cell the question asks about (fetched from the question words) and to the token's own cell.
 - **attention** (layer 0): the share of the visual tokens' attention, per head, on the word that
-  selects the referents (the cell word of an at_cell question, the shape word of a colour question),
-  for referent tokens and for the other visual tokens. Computed with eager attention, for this probe only.
+  selects the referents (the cell word of an at_cell question, the shape word of a colour question, the
+  colour word of a shape question, ...; not for relations), for referent tokens and for the other
+  visual tokens. Computed with eager attention, for this probe only.
 
 Questions come from the held-out synth-vqa stream (scenes of three objects or more; "is there an object
 at ..." questions are left out: they have no referent). Probes train on the first half of the
@@ -31,7 +33,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import mmtoken  # noqa: E402
-from mmtoken.world import CELLS, SHAPES, get_task, render  # noqa: E402
+from mmtoken.world import CELLS, COLOURS, SHAPES, get_task, render  # noqa: E402
+from mmtoken.world.tasks import plural  # noqa: E402
 from train_tiny_llava import VQA_FAMILIES, patch_cells, referent_mask  # noqa: E402
 
 
@@ -41,7 +44,7 @@ def questions(family: str, n: int, scan: int = 20_000) -> list:
     task = get_task("synth-vqa")
     for i in range(scan):
         s = task.sample("test", i)
-        if s.family == family and len(s.scene.objects) >= 3 and "there" not in s.question.split():
+        if s.family == family and len(s.scene.objects) >= 3 and not s.question.startswith("is there"):
             out.append(s)
             if len(out) == n:
                 break
@@ -109,9 +112,11 @@ def mlp_probe(x: torch.Tensor, y: torch.Tensor, n_train: int, steps: int = 600) 
     return hit / max(1, true.sum().item()), hit / max(1, pred.sum().item())
 
 
-def key_word(family: str) -> tuple[str, ...]:
-    """The words that select a family's referents."""
-    return CELLS if family == "at_cell" else SHAPES
+def key_word(family: str) -> tuple[str, ...] | None:
+    """The words that select a family's referents (the last one in the question is read); None for
+    relations, whose two named objects have no single selecting word."""
+    return {"at_cell": CELLS, "colour": SHAPES, "shape": COLOURS, "count": tuple(plural(x) for x in SHAPES),
+            "position": SHAPES, "size": SHAPES}.get(family)
 
 
 @torch.no_grad()
@@ -135,6 +140,8 @@ def key_word_attention(model_path: str, samples, family: str) -> tuple[torch.Ten
         visual = (enc["input_ids"][j] == img).nonzero().flatten()
         a = att[j][:, visual, where[-1]]
         mask = referent_mask(s.question, s.scene, grid) > 0
+        if not mask.any():  # e.g. "how many crosses" with none in the scene
+            continue
         ref.append(a[:, mask].mean(1))
         other.append(a[:, ~mask].mean(1))
     return torch.stack(ref).mean(0), torch.stack(other).mean(0)
@@ -150,10 +157,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.family not in VQA_FAMILIES - {"count_all"}:
         ap.error(f"--family: one of {sorted(VQA_FAMILIES - {'count_all'})} (questions with referents), got {args.family!r}")
+    if args.n < 20:
+        ap.error(f"--n: at least 20 questions (half train the probes), got {args.n}")
     torch.set_num_threads(args.threads)
     samples = questions(args.family, args.n)
-    if len(samples) < 20:
-        ap.error(f"--family {args.family}: only {len(samples)} held-out questions found; pick a family with referents")
     lm = mmtoken.load_model(args.model)
     grid = lm.model.config.vision_config.image_size // lm.model.config.vision_config.patch_size
     states, _ = visual_states(lm, samples)
@@ -174,6 +181,9 @@ def main(argv=None) -> None:
             line += (f"; asked cell from a visual token {linear_probe(x[sub], asked.repeat_interleave(n_tok)[sub], n_sub, 9):.3f}"
                      f", own cell {linear_probe(x[sub], own[sub], n_sub, 9):.3f} (chance 0.11)")
         print(line, flush=True)
+    if key_word(args.family) is None:
+        print(f"layer 0 attention: not measured for {args.family} questions (no single word selects the referents)")
+        return
     ref, other = key_word_attention(args.model, samples[:100], args.family)
     print("layer 0 attention on the key word, referent / other visual tokens, per head: "
           + ", ".join(f"{r:.2f} / {o:.2f}" for r, o in zip(ref.tolist(), other.tolist())))

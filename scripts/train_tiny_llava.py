@@ -150,7 +150,7 @@ def parse_focus(text: str) -> list[tuple[str, float]]:
     """``FAMILY:SHARE[,FAMILY:SHARE...]`` -> pairs; ValueError naming the problem."""
     pairs = []
     for part in text.split(","):
-        family, _, share = part.partition(":")
+        family, _, share = (x.strip() for x in part.partition(":"))
         try:
             value = float(share)
         except ValueError:
@@ -369,8 +369,8 @@ ROLE_WEIGHTS = (0.1, 1.0, 1.0)  # "neither" is about 91% of a relation question'
 
 def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None, slot_families=(), slot_layer=3,
                        roles=None, role_layer=2, role_weight=1.0, cell_head=None, cell_layer=1, cell_weight=1.0):
-    """Decomposed supervision for the questions that combine several objects (ours; 0 when both heads
-    are None). ``slots`` (a head with 27 outputs): at the answer position, layer ``slot_layer``
+    """Decomposed supervision for the questions that combine several objects or select one by its cell
+    (ours; 0 when every head is None). ``slots`` (a head with 27 outputs): at the answer position, layer ``slot_layer``
     predicts the layout cells of the question's referents (9 outputs, multi-label; families in
     ``slot_families``) and, for a question that names two objects (relation), the cell of the first
     and of the second (9 + 9 outputs). The last layers then only have to compare or count what is
@@ -472,16 +472,17 @@ def main(argv=None):
                    help="weight of a loss by which relation questions' image tokens learn which named object they "
                         "belong to (ours; 0: off)")
     p.add_argument("--cells", type=float, default=0.0,
-                   help="weight of a loss by which at_cell questions' image tokens learn the asked cell and whether "
-                        "they lie in it (ours; 0: off)")
+                   help="weight of a loss by which at_cell questions' image tokens learn, at LM layer 1, the asked "
+                        "cell and whether they lie in it (ours; 0: off)")
     p.add_argument("--caption-partner", type=float, default=0.0,
                    help="probability that a training caption names a present object's absent co-occurrence partner "
                         "after it (prior-driven annotation); held-out captions stay exact")
     p.add_argument("--grow-layers", type=int, default=0,
                    help="with --init: append this many decoder layers to the LM, each starting as a residual no-op "
                         "(ours; the shipped phases 1-5 used none)")
-    p.add_argument("--focus", default="", help="FAMILY:SHARE[,FAMILY:SHARE...]: that share of synth-vqa questions is of FAMILY (e.g. relation:0.5 "
-                        "or relation:0.3,at_cell:0.3)")
+    p.add_argument("--focus", default="", help="FAMILY:SHARE[,FAMILY:SHARE...]: that share of the synth-vqa draws is redrawn until it is of "
+                        "FAMILY, on top of the family's own share of ordinary draws (e.g. relation:0.5 or "
+                        "relation:0.3,at_cell:0.3)")
     args = p.parse_args(argv)
     focus = None
     if args.focus:
@@ -494,6 +495,9 @@ def main(argv=None):
         p.error(f"--slots: unknown families {sorted(slot_families - VQA_FAMILIES)}; known: {sorted(VQA_FAMILIES)}")
     if args.grow_layers < 0 or (args.grow_layers and not args.init):
         p.error(f"--grow-layers: a count >= 0 that needs --init (a model to grow), got {args.grow_layers}")
+    for flag, value in (("--roles", args.roles), ("--cells", args.cells)):
+        if value < 0:
+            p.error(f"{flag}: a loss weight >= 0, got {value}")
     if not 0 <= args.caption_partner <= 1:
         p.error(f"--caption-partner: a probability, got {args.caption_partner}")
     if args.quick:
@@ -620,20 +624,28 @@ def grow_layers(model, n: int):
     sequential steps than four layers give). Each new layer starts as a copy of the last layer with its
     attention output and MLP down projections zeroed: a residual no-op, so the grown model answers
     exactly as before until training moves it, while its queries, keys and features start from learnt
-    ones instead of noise. The auxiliary heads keep reading the layers they read before."""
+    ones instead of noise. The auxiliary heads keep reading the layers they read before. With ``n`` >= 2
+    the new layers start identical and part only as training moves them (second-order at first: only
+    their zeroed projections get a gradient on the first step)."""
     import copy
 
     lm = model.model.language_model
+    cfg = lm.config
     for _ in range(n):
         layer = copy.deepcopy(lm.layers[-1])
         layer.self_attn.layer_idx = len(lm.layers)
-        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
-        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        for module in layer.modules():  # share the model's config (a deep copy would keep a stale private one)
+            if hasattr(module, "config"):
+                module.config = cfg
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            torch.nn.init.zeros_(proj.weight)
+            if proj.bias is not None:
+                torch.nn.init.zeros_(proj.bias)
         lm.layers.append(layer)
-    cfg = model.config.text_config
+    added = len(lm.layers) - cfg.num_hidden_layers
     cfg.num_hidden_layers = len(lm.layers)
     if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = [cfg.layer_types[0]] * cfg.num_hidden_layers
+        cfg.layer_types = list(cfg.layer_types) + [cfg.layer_types[-1]] * added
     print(f"language model grown to {cfg.num_hidden_layers} layers", flush=True)
     return model
 

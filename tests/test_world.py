@@ -370,6 +370,17 @@ def test_training_decomposition_targets_and_annotation_options():
                               cell_head=torch.nn.Linear(d, 11), cell_layer=1)
     loss.backward()
     assert {tuple(x) for x in hidden[1].grad.abs().sum(-1).nonzero().tolist()} == {(1, 0), (1, 1)}
+    # its value: cross-entropy of the asked cell (9 logits) plus of the match (2 logits), by hand
+    head = torch.nn.Linear(d, 11)
+    zero = [torch.zeros(2, 6, d) for _ in range(4)]
+    hidden = [h.clone() for h in zero]
+    hidden[1] = torch.randn(2, 6, d)
+    got = decomposition_loss(hidden, [relations[0], at_cell_q], keeps, is_img, labels, 3, cell_head=head, cell_layer=1)
+    cell = next(CELLS.index(w) for w in at_cell_q.question.split() if w in CELLS)
+    logits = head(hidden[1][1, :2])
+    match = (patch_cells(3)[keeps[1]] == cell).long()
+    want = torch.nn.functional.cross_entropy(logits[:, :9], torch.full((2,), cell)) + torch.nn.functional.cross_entropy(logits[:, 9:], match)
+    assert torch.allclose(got, want)
 
 
 def test_grown_language_model_answers_as_before_and_saves_its_depth(tmp_path):
@@ -393,6 +404,9 @@ def test_grown_language_model_answers_as_before_and_saves_its_depth(tmp_path):
         gen_before = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0)
     grow_layers(model, 2)
     assert model.config.text_config.num_hidden_layers == 6 == len(model.model.language_model.layers)
+    new_layer = model.model.language_model.layers[-1]
+    assert new_layer.self_attn.config is model.model.language_model.config is new_layer.mlp.config
+    assert [layer.self_attn.layer_idx for layer in model.model.language_model.layers] == list(range(6))
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, before)
         assert torch.equal(model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0), gen_before)
@@ -416,6 +430,7 @@ def test_caption_cooccurrence_decision_point():
     from caption_cooccurrence import absent_partners, decision_prefixes, partner_probability
 
     import mmtoken
+    from mmtoken.world.scenes import PARTNER
     from mmtoken.world.tasks import caption
 
     samples = [s for s in get_task("synth-caption").samples("test", 200) if absent_partners(s.scene)]
@@ -424,9 +439,10 @@ def test_caption_cooccurrence_decision_point():
     for s, prefix, partner, nxt in cases:
         text = caption(s.scene)
         assert text.startswith(prefix) and partner != nxt
-        names = prefix.replace(" ,", "").replace(" and", "").split()
+        assert prefix.endswith(" ,")
+        names = prefix.replace(" ,", "").split()
         mate = (names[-2], names[-1])
-        assert partner in {c[0] for c in absent_partners(s.scene)} and mate in s.scene.categories()
+        assert mate in s.scene.categories() and PARTNER[mate][0] == partner and PARTNER[mate] not in s.scene.categories()
         assert text[len(prefix):].split()[0] == nxt  # the next real object's colour comes next
     lm = mmtoken.load_model("tiny-llava")
     one_by_one = [partner_probability(lm, [s], 1)["p_partner_mean"] for s, *_ in cases[:4]]
