@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import mmtoken  # noqa: E402
 from mmtoken.world import CELLS, COLOURS, SHAPES, get_task, render  # noqa: E402
 from mmtoken.world.tasks import plural  # noqa: E402
-from train_tiny_llava import VQA_FAMILIES, patch_cells, referent_mask  # noqa: E402
+from mmtoken.world.scenes import patch_cells  # noqa: E402
+from train_tiny_llava import VQA_FAMILIES, asked_cells, referent_mask  # noqa: E402
 
 
 def questions(family: str, n: int, scan: int = 20_000) -> list:
@@ -53,11 +54,11 @@ def questions(family: str, n: int, scan: int = 20_000) -> list:
 
 @torch.no_grad()
 def visual_states(lm, samples, batch: int = 50):
-    """Per layer, ``[n, n_visual, d]`` hidden states of the visual tokens; and per sample its input ids."""
+    """Per layer, ``[n, n_visual, d]`` hidden states of the visual tokens."""
     tok = lm.processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     img = lm.model.config.image_token_id
-    states, ids = None, []
+    states = None
     try:
         for i in range(0, len(samples), batch):
             chunk = samples[i : i + batch]
@@ -67,10 +68,9 @@ def visual_states(lm, samples, batch: int = 50):
             is_img = enc["input_ids"] == img
             rows = [torch.stack([h[j][is_img[j]] for j in range(len(chunk))]) for h in hidden]
             states = rows if states is None else [torch.cat([a, b]) for a, b in zip(states, rows)]
-            ids += list(enc["input_ids"])
     finally:
         tok.padding_side = side
-    return states, ids
+    return states
 
 
 def _standardise(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     samples = questions(args.family, args.n)
     lm = mmtoken.load_model(args.model)
     grid = lm.model.config.vision_config.image_size // lm.model.config.vision_config.patch_size
-    states, _ = visual_states(lm, samples)
+    states = visual_states(lm, samples)
     half = len(samples) // 2
     n_tok = grid * grid
     target = torch.stack([referent_mask(s.question, s.scene, grid) for s in samples]).flatten()
@@ -173,8 +173,8 @@ def main(argv=None) -> None:
         rec, prec = mlp_probe(x, target, half * n_tok)
         line = f"layer {layer}: referent tokens recall {rec:.3f} precision {prec:.3f}"
         if args.family == "at_cell":
-            asked = torch.tensor([next(CELLS.index(w) for w in s.question.split() if w in CELLS) for s in samples])
-            own = patch_cells(grid).repeat(len(samples))
+            asked = torch.tensor([asked_cells(s.question)[0] for s in samples])
+            own = torch.from_numpy(patch_cells(grid)).flatten().repeat(len(samples))
             step = 5  # every fifth token keeps the probes quick
             sub = torch.arange(0, len(x), step)
             n_sub = int((sub < half * n_tok).sum())

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmtoken.world import COLOURS, SHAPES, get_task, render_batch  # noqa: E402
 from mmtoken.world.build import PROMPT, build_processor, build_tokenizer, tiny_llava_config, write_world_card  # noqa: E402
-from mmtoken.world.scenes import patch_labels, sample_scene  # noqa: E402
+from mmtoken.world.scenes import patch_cells, patch_labels, sample_scene  # noqa: E402
 from mmtoken.world.tasks import vocabulary  # noqa: E402
 
 CATS = [(c, s) for c in COLOURS for s in SHAPES]
@@ -112,8 +112,8 @@ def drop_tokens(rng, counts: list[int], drop: float, min_keep: float) -> list[to
 def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0.0, focus=None):
     """``n_images`` fresh training scenes (at most ``n_max`` objects) with ``q_per_image`` questions each.
     ``caption_partner`` > 0: training captions are imperfect the way prior-driven annotations are
-    (:func:`partner_caption`); held-out references stay exact. ``focus``: ``(family, share)`` pairs (or
-    one pair); each share of the synth-vqa questions is drawn again until it is of that family (when the
+    (:func:`partner_caption`); held-out references stay exact. ``focus``: ``(family, share)`` pairs
+    (:func:`parse_focus`); each share of the synth-vqa questions is drawn again until it is of that family (when the
     scene allows it)."""
     from mmtoken.world.tasks import Sample
 
@@ -137,9 +137,8 @@ def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0
 
 def focus_family(focus, u: float) -> str | None:
     """The family a synth-vqa question is redrawn to for a uniform draw ``u``: the shares of ``focus``
-    (``(family, share)`` pairs, or one pair) are consecutive intervals of [0, 1); None past their sum."""
-    pairs = [focus] if isinstance(focus[0], str) else focus
-    for family, share in pairs:
+    (``(family, share)`` pairs) are consecutive intervals of [0, 1); None past their sum."""
+    for family, share in focus:
         if u < share:
             return family
         u -= share
@@ -183,7 +182,6 @@ def partner_caption(scene, rng, p: float) -> str:
 def referents(question: str, scene) -> list:
     """The objects a question is about, read off its words: "<colour> <shape>" pairs, else a shape or a
     colour, else a layout cell, else every object ("how many objects")."""
-    from mmtoken.world.scenes import CELLS
     from mmtoken.world.tasks import plural
 
     words = question.split()
@@ -196,10 +194,17 @@ def referents(question: str, scene) -> list:
     colours = {c for c in COLOURS if c in words}
     if colours:
         return [o for o in scene.objects if o.colour in colours]
-    cells = {CELLS.index(w) for w in words if w in CELLS}
+    cells = set(asked_cells(question))
     if cells:
         return [o for o in scene.objects if o.cell in cells]
     return list(scene.objects)
+
+
+def asked_cells(question: str) -> list[int]:
+    """The layout cells (indices into ``CELLS``) a question names, in order."""
+    from mmtoken.world.scenes import CELLS
+
+    return [CELLS.index(w) for w in question.split() if w in CELLS]
 
 
 def mentioned(question: str, scene) -> list:
@@ -252,7 +257,7 @@ ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
 
 def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3,
             readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1, readout_last=(), slots=None,
-            slot_families=(), slot_layer=3, roles=None, role_layer=2, role_weight=1.0, cells=None, cell_weight=1.0):
+            slot_families=(), slot_layer=3, roles=None, role_layer=2, role_weight=1.0, cell_head=None, cell_weight=1.0):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
     ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
@@ -260,7 +265,7 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     second dense loss at layer ``readout_layer``: the object's image tokens predict the answer, the other
     image tokens predict ``<pad>`` (nothing to report); for the families in ``readout_last`` only the
     last referent's tokens answer (:func:`readout_mask`). ``drop`` > 0: token-drop augmentation
-    (:func:`drop_tokens`). ``slots`` / ``roles`` / ``cells``: the decomposed targets of :func:`decomposition_loss`."""
+    (:func:`drop_tokens`). ``slots`` / ``roles`` / ``cell_head``: the decomposed targets of :func:`decomposition_loss`."""
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     n_tok = grid * grid
     keeps = drop_tokens(rng, [n_tok] * len(samples), drop, min_keep)
@@ -274,9 +279,9 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     is_img = ids == model.config.image_token_id
     emb = emb.masked_scatter(is_img.unsqueeze(-1), feats.to(emb.dtype))
     out = model(inputs_embeds=emb, attention_mask=mask, labels=labels,
-                output_hidden_states=any(h is not None for h in (grounding, slots, roles, cells)))
+                output_hidden_states=any(h is not None for h in (grounding, slots, roles, cell_head)))
     aux = decomposition_loss(out.hidden_states, samples, keeps, is_img, labels, grid, slots, slot_families, slot_layer,
-                             roles, role_layer, role_weight, cell_head=cells, cell_weight=cell_weight)
+                             roles, role_layer, role_weight, cell_head=cell_head, cell_weight=cell_weight)
     if grounding is None:
         return out.loss + aux
     full = [referent_mask(s.question, s.scene, grid) for s in samples]
@@ -335,25 +340,14 @@ def role_targets(samples, keeps, grid: int) -> torch.Tensor:
     return torch.cat(targets)
 
 
-def patch_cells(grid: int) -> torch.Tensor:
-    """``[grid * grid]``: the layout cell (0-8, row-major) of each patch, by its centre in the 96-px frame."""
-    from mmtoken.world.scenes import CANVAS
-
-    centres = (torch.arange(grid) + 0.5) * (CANVAS / grid)
-    index = (centres // (CANVAS / 3)).long().clamp(max=2)
-    return (index[:, None] * 3 + index[None, :]).flatten()
-
-
 def cell_targets(samples, keeps, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For the questions that name a layout cell (at_cell), per kept visual token concatenated over the
     samples: the asked cell (0-8) and whether the token's own patch lies in it (1 / 0); -100 for the
     other questions' tokens."""
-    from mmtoken.world.scenes import CELLS
-
-    own = patch_cells(grid)
+    own = torch.from_numpy(patch_cells(grid)).flatten()
     asked_all, match_all = [], []
     for s, k in zip(samples, keeps):
-        cells = [CELLS.index(w) for w in s.question.split() if w in CELLS] if s.family == "at_cell" else []
+        cells = asked_cells(s.question) if s.family == "at_cell" else []
         asked = torch.full((len(k),), -100, dtype=torch.long)
         match = torch.full((len(k),), -100, dtype=torch.long)
         if len(cells) == 1:
@@ -555,8 +549,8 @@ def main(argv=None):
     # intermediate hidden states are not normalised: a LayerNorm keeps the new heads' first logits small
     slots = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 27)) if slot_families else None
     roles = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 3)) if args.roles else None
-    cells = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 11)) if args.cells else None
-    for head in (grounding, readout, slots, roles, cells):
+    cell_head = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 11)) if args.cells else None
+    for head in (grounding, readout, slots, roles, cell_head):
         params += list(head.parameters()) if head is not None else []
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     tasks = []
@@ -575,7 +569,7 @@ def main(argv=None):
                                  focus=focus)
         loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
                        rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last, slots=slots,
-                       slot_families=slot_families, roles=roles, role_weight=args.roles, cells=cells,
+                       slot_families=slot_families, roles=roles, role_weight=args.roles, cell_head=cell_head,
                        cell_weight=args.cells)
         opt.zero_grad()
         loss.backward()

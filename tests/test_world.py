@@ -11,7 +11,7 @@ import torch
 
 from mmtoken.world import CELLS, get_task, render, sample_scene
 from mmtoken.world.build import PROMPT, build_processor, build_tokenizer
-from mmtoken.world.scenes import patch_labels
+from mmtoken.world.scenes import patch_cells, patch_labels
 from mmtoken.world.tasks import vocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,13 +276,13 @@ def test_training_decomposition_targets_and_annotation_options():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from train_tiny_llava import (answer_positions, decomposition_loss, focus_family, mentioned, parse_focus,
                                   partner_caption, question_batch, role_targets, slot_targets, VQA_FAMILIES,
-                                  cell_targets, patch_cells)
+                                  cell_targets)
 
     from mmtoken.world.scenes import PARTNER
     from mmtoken.world.tasks import caption, caption_objects
 
     rng = np.random.default_rng(0)
-    batch = question_batch([get_task("synth-vqa")], rng, 12, 2, focus=("relation", 1.0))
+    batch = question_batch([get_task("synth-vqa")], rng, 12, 2, focus=[("relation", 1.0)])
     assert all(s.family == "relation" for s in batch if len(s.scene.objects) >= 2)
     mixed = question_batch([get_task("synth-vqa")], np.random.default_rng(1), 200, 2,
                            focus=parse_focus("relation:0.5,at_cell:0.5"))
@@ -293,7 +293,8 @@ def test_training_decomposition_targets_and_annotation_options():
     assert [focus_family([("relation", 0.3), ("at_cell", 0.2)], u) for u in (0.1, 0.35, 0.6)] == ["relation", "at_cell", None]
     assert VQA_FAMILIES == {s.family for s in get_task("synth-vqa").samples("test", 300)}
     # cell targets: the asked cell and whether each kept token's patch lies in it, at_cell questions only
-    assert torch.equal(patch_cells(12), torch.as_tensor(patch_labels(sample_scene(0), 12)["cell"]).flatten())
+    own = torch.from_numpy(patch_cells(12)).flatten()
+    assert torch.equal(own.reshape(12, 12), torch.arange(9).reshape(3, 3).repeat_interleave(4, 0).repeat_interleave(4, 1))
     cell_qs = [s for s in get_task("synth-vqa").samples("test", 60) if s.family in ("at_cell", "colour")][:6]
     keeps = [torch.arange(144), torch.arange(0, 144, 3)] * 3
     asked, match = cell_targets(cell_qs, keeps, 12)
@@ -305,7 +306,7 @@ def test_training_decomposition_targets_and_annotation_options():
             assert (a == -100).all() and (m == -100).all()
             continue
         cell = next(CELLS.index(w) for w in s.question.split() if w in CELLS)
-        assert (a == cell).all() and torch.equal(m, (patch_cells(12)[k] == cell).long())
+        assert (a == cell).all() and torch.equal(m, (own[k] == cell).long())
     assert any(s.family == "at_cell" for s in cell_qs) and any(s.family != "at_cell" for s in cell_qs)
     for bad in ("relation", "relation:2", "nope:0.5", "relation:0.6,at_cell:0.6", "relation:0.2,relation:0.2"):
         with pytest.raises(ValueError):
@@ -378,7 +379,7 @@ def test_training_decomposition_targets_and_annotation_options():
     got = decomposition_loss(hidden, [relations[0], at_cell_q], keeps, is_img, labels, 3, cell_head=head, cell_layer=1)
     cell = next(CELLS.index(w) for w in at_cell_q.question.split() if w in CELLS)
     logits = head(hidden[1][1, :2])
-    match = (patch_cells(3)[keeps[1]] == cell).long()
+    match = (torch.from_numpy(patch_cells(3)).flatten()[keeps[1]] == cell).long()
     want = torch.nn.functional.cross_entropy(logits[:, :9], torch.full((2,), cell)) + torch.nn.functional.cross_entropy(logits[:, 9:], match)
     assert torch.allclose(got, want)
 

@@ -182,6 +182,14 @@ def render(scene: Scene, size: int | None = None) -> Image.Image:
     return img
 
 
+def patch_cells(grid: int, canvas: float = CANVAS) -> np.ndarray:
+    """``[grid, grid]``: the layout cell (0-8, row-major) of each patch of a ``grid`` x ``grid`` patching,
+    by the patch centre (the 3 x 3 layout of 32-px cells of the 96 canvas)."""
+    centres = (np.arange(grid) + 0.5) * (canvas / grid)
+    cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    return (np.minimum(cy // 32, 2) * 3 + np.minimum(cx // 32, 2)).astype(np.int64)
+
+
 def patch_labels(scene: Scene, grid: int) -> dict[str, np.ndarray]:
     """Per patch of a ``grid`` x ``grid`` patching, the colour / shape / size index (0 = background, else
     1 + index) of the object covering the patch centre, and the patch's layout cell — dense targets for
@@ -199,8 +207,7 @@ def patch_labels(scene: Scene, grid: int) -> dict[str, np.ndarray]:
         colour[inside] = 1 + colours.index(o.colour)
         shape[inside] = 1 + SHAPES.index(o.shape)
         size[inside] = 1 + SIZES.index(o.size)
-    cell = (np.minimum(cy // 32, 2) * 3 + np.minimum(cx // 32, 2)).astype(np.int64)  # the 3 x 3 layout of a 96 canvas
-    return {"colour": colour, "shape": shape, "size": size, "cell": cell}
+    return {"colour": colour, "shape": shape, "size": size, "cell": patch_cells(grid, scene.canvas)}
 
 
 # ---------------------------------------------------------------------------------------------------
