@@ -52,20 +52,21 @@ class VisionHeads(torch.nn.Module):
 
 
 def vision_step(model, heads, seeds, grid, size):
+    dev = model.device
     scenes = [sample_scene(int(s)) for s in seeds]
-    pv = pixels(scenes, size)
+    pv = pixels(scenes, size).to(dev)
     out = model.model.vision_tower(pv, output_hidden_states=True)
     feat = out.hidden_states[model.config.vision_feature_layer][:, 1:]
     labels = [patch_labels(s, grid) for s in scenes]
     loss = 0.0
     accs = {}
     for name in ("colour", "shape", "size", "cell"):
-        y = torch.from_numpy(np.stack([lab[name].reshape(-1) for lab in labels]))
+        y = torch.from_numpy(np.stack([lab[name].reshape(-1) for lab in labels])).to(dev)
         logits = getattr(heads, name)(feat)
         loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         obj = y > 0 if name != "cell" else torch.ones_like(y, dtype=torch.bool)
         accs[name] = (logits.argmax(-1)[obj] == y[obj]).float().mean().item()
-    present = torch.tensor([[float(c in s.categories()) for c in CATS] for s in scenes])
+    present = torch.tensor([[float(c in s.categories()) for c in CATS] for s in scenes], device=dev)
     cls_logits = heads.cats(out.pooler_output)
     loss = loss + F.binary_cross_entropy_with_logits(cls_logits, present)
     accs["cats"] = ((cls_logits > 0).float() == present).all(-1).float().mean().item()
@@ -257,7 +258,8 @@ ATTRIBUTE_FAMILIES = {"colour", "shape", "size", "position", "at_cell"}
 
 def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_layer=2, readout=None, readout_layer=3,
             readout_families=ATTRIBUTE_FAMILIES, rng=None, drop=0.0, min_keep=0.1, readout_last=(), slots=None,
-            slot_families=(), slot_layer=3, roles=None, role_layer=2, role_weight=1.0, cell_head=None, cell_weight=1.0):
+            slot_families=(), slot_layer=3, roles=None, role_layer=2, role_weight=1.0, cell_head=None, cell_weight=1.0,
+            starts=None, start_families=(), start_weight=1.0):
     """Answer loss with the ViT frozen: its features are computed without grad, the projector with.
     With ``grounding`` (a linear head), adds a dense auxiliary loss: from the LM's hidden states at layer
     ``grounding_layer``, each image token predicts whether it belongs to an object the question is about.
@@ -265,29 +267,32 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
     second dense loss at layer ``readout_layer``: the object's image tokens predict the answer, the other
     image tokens predict ``<pad>`` (nothing to report); for the families in ``readout_last`` only the
     last referent's tokens answer (:func:`readout_mask`). ``drop`` > 0: token-drop augmentation
-    (:func:`drop_tokens`). ``slots`` / ``roles`` / ``cell_head``: the decomposed targets of :func:`decomposition_loss`."""
+    (:func:`drop_tokens`). ``slots`` / ``roles`` / ``cell_head`` / ``starts``: the decomposed targets of
+    :func:`decomposition_loss`. The batch is built on the CPU and moved to the model's device."""
+    dev = model.device
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     n_tok = grid * grid
     keeps = drop_tokens(rng, [n_tok] * len(samples), drop, min_keep)
-    ids, labels, mask = encode_samples(tok, samples, [len(k) for k in keeps])
+    ids, labels, mask = (t.to(dev) for t in encode_samples(tok, samples, [len(k) for k in keeps]))
     with torch.no_grad():
-        out = model.model.vision_tower(pixels([s.scene for s in samples[::q_per_image]], size), output_hidden_states=True)
+        out = model.model.vision_tower(pixels([s.scene for s in samples[::q_per_image]], size).to(dev), output_hidden_states=True)
         vis = out.hidden_states[model.config.vision_feature_layer][:, 1:]
     feats = model.model.multi_modal_projector(vis).repeat_interleave(q_per_image, dim=0)
-    feats = torch.cat([f[k] for f, k in zip(feats, keeps)])
+    feats = torch.cat([f[k.to(dev)] for f, k in zip(feats, keeps)])
     emb = model.model.get_input_embeddings()(ids)
     is_img = ids == model.config.image_token_id
     emb = emb.masked_scatter(is_img.unsqueeze(-1), feats.to(emb.dtype))
     out = model(inputs_embeds=emb, attention_mask=mask, labels=labels,
-                output_hidden_states=any(h is not None for h in (grounding, slots, roles, cell_head)))
+                output_hidden_states=any(h is not None for h in (grounding, slots, roles, cell_head, starts)))
     aux = decomposition_loss(out.hidden_states, samples, keeps, is_img, labels, grid, slots, slot_families, slot_layer,
-                             roles, role_layer, role_weight, cell_head=cell_head, cell_weight=cell_weight)
+                             roles, role_layer, role_weight, cell_head=cell_head, cell_weight=cell_weight,
+                             starts=starts, start_families=start_families, start_weight=start_weight)
     if grounding is None:
         return out.loss + aux
     full = [referent_mask(s.question, s.scene, grid) for s in samples]
-    target = torch.cat([m[k] for m, k in zip(full, keeps)])
+    target = torch.cat([m[k] for m, k in zip(full, keeps)]).to(dev)
     h = out.hidden_states[grounding_layer][is_img]
-    aux = aux + F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0))
+    aux = aux + F.binary_cross_entropy_with_logits(grounding(h).squeeze(-1), target, pos_weight=torch.tensor(4.0, device=dev))
     if readout is not None:
         wants = [readout_mask(s.question, s.scene, grid, s.family in readout_last) if s.family in readout_families
                  else torch.full((n_tok,), -1.0) for s in samples]
@@ -299,8 +304,8 @@ def lm_loss(model, tok, samples, q_per_image, size, grounding=None, grounding_la
             answer = torch.tensor([tok.convert_tokens_to_ids(s.answers[0]) if s.family in readout_families else tok.pad_token_id
                                    for s in samples])[sample_of]
             labels_r = torch.where(role > 0, answer, torch.full_like(answer, tok.pad_token_id))
-            logits_r = readout(out.hidden_states[readout_layer][is_img][rows])
-            aux = aux + F.cross_entropy(logits_r, labels_r[rows])
+            logits_r = readout(out.hidden_states[readout_layer][is_img][rows.to(dev)])
+            aux = aux + F.cross_entropy(logits_r, labels_r[rows].to(dev))
     return out.loss + aux
 
 
@@ -358,11 +363,31 @@ def cell_targets(samples, keeps, grid: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(asked_all), torch.cat(match_all)
 
 
+def start_targets(samples, keeps, grid: int, families) -> torch.Tensor:
+    """For the questions of ``families`` (counting ones), per kept visual token concatenated over the
+    samples: 1 where the token is the first kept one, in raster order, of one of the question's
+    referents (:func:`referents`; every object for "how many objects"), 0 for the question's other
+    tokens; -100 (ignored) for the other questions' tokens. A count is then the number of flagged tokens."""
+    targets = []
+    for s, k in zip(samples, keeps):
+        t = torch.full((len(k),), -100, dtype=torch.long)
+        if s.family in families:
+            t[:] = 0
+            for m in object_masks(referents(s.question, s.scene), grid):
+                inside = (m[k] > 0).nonzero()
+                if len(inside):
+                    t[inside[0]] = 1
+        targets.append(t)
+    return torch.cat(targets)
+
+
 ROLE_WEIGHTS = (0.1, 1.0, 1.0)  # "neither" is about 91% of a relation question's visual tokens
+START_POS_WEIGHT = 10.0  # a counting question flags 1-5 of its up to 144 visual tokens
 
 
 def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None, slot_families=(), slot_layer=3,
-                       roles=None, role_layer=2, role_weight=1.0, cell_head=None, cell_layer=1, cell_weight=1.0):
+                       roles=None, role_layer=2, role_weight=1.0, cell_head=None, cell_layer=1, cell_weight=1.0,
+                       starts=None, start_families=(), start_layer=3, start_weight=1.0):
     """Decomposed supervision for the questions that combine several objects or select one by its cell
     (ours; 0 when every head is None). ``slots`` (a head with 27 outputs): at the answer position, layer ``slot_layer``
     predicts the layout cells of the question's referents (9 outputs, multi-label; families in
@@ -374,28 +399,43 @@ def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None,
     question, so they can tell the two apart. ``cell_head`` (a head with 11 outputs): for questions that
     name a layout cell (at_cell), each image token predicts at layer ``cell_layer`` the asked cell (9-way:
     it fetches the cell word from the question) and whether its own patch lies in that cell (2-way), the
-    two steps that selecting an object by where it is needs (loss weight ``cell_weight``)."""
-    loss = torch.zeros(())
+    two steps that selecting an object by where it is needs (loss weight ``cell_weight``). ``starts`` (a
+    head with 1 output): for the questions of ``start_families`` each image token predicts at layer
+    ``start_layer`` whether it is the first visible token of a referent (:func:`start_targets`; positives
+    weighted by ``START_POS_WEIGHT``, the loss by ``start_weight``), so that a count becomes a sum of flags
+    the answer position can gather. Targets are built on the CPU and moved to the hidden states' device."""
+    dev = hidden[0].device
+    loss = torch.zeros((), device=dev)
     if slots is not None:
         rows = [i for i, s in enumerate(samples) if s.family in slot_families]
         if rows:
-            logits = slots(hidden[slot_layer][torch.tensor(rows), answer_positions(labels)[rows]])
+            rows_t = torch.tensor(rows, device=dev)
+            logits = slots(hidden[slot_layer][rows_t, answer_positions(labels)[rows_t]])
             cells, pairs, pair_cells = slot_targets([samples[i] for i in rows])
-            loss = loss + F.binary_cross_entropy_with_logits(logits[:, :9], cells)
+            loss = loss + F.binary_cross_entropy_with_logits(logits[:, :9], cells.to(dev))
             if pairs:
-                idx = torch.tensor(pairs)
+                idx = torch.tensor(pairs, device=dev)
+                pair_cells = pair_cells.to(dev)
                 loss = loss + F.cross_entropy(logits[idx, 9:18], pair_cells[:, 0]) + F.cross_entropy(logits[idx, 18:27], pair_cells[:, 1])
     if roles is not None:
         target = role_targets(samples, keeps, grid)
         if (target >= 0).any():
-            weight = torch.tensor(ROLE_WEIGHTS)
-            loss = loss + role_weight * F.cross_entropy(roles(hidden[role_layer][is_img]), target, weight=weight, ignore_index=-100)
+            weight = torch.tensor(ROLE_WEIGHTS, device=dev)
+            loss = loss + role_weight * F.cross_entropy(roles(hidden[role_layer][is_img]), target.to(dev), weight=weight,
+                                                        ignore_index=-100)
     if cell_head is not None:
         asked, match = cell_targets(samples, keeps, grid)
         if (asked >= 0).any():
             logits = cell_head(hidden[cell_layer][is_img])
-            loss = loss + cell_weight * (F.cross_entropy(logits[:, :9], asked, ignore_index=-100)
-                                         + F.cross_entropy(logits[:, 9:], match, ignore_index=-100))
+            loss = loss + cell_weight * (F.cross_entropy(logits[:, :9], asked.to(dev), ignore_index=-100)
+                                         + F.cross_entropy(logits[:, 9:], match.to(dev), ignore_index=-100))
+    if starts is not None:
+        target = start_targets(samples, keeps, grid, start_families)
+        rows = target >= 0
+        if rows.any():
+            logits = starts(hidden[start_layer][is_img][rows.to(dev)]).squeeze(-1)
+            loss = loss + start_weight * F.binary_cross_entropy_with_logits(
+                logits, target[rows].float().to(dev), pos_weight=torch.tensor(START_POS_WEIGHT, device=dev))
     return loss
 
 
@@ -412,8 +452,9 @@ def evaluate(model, tok, task_names, n, size, batch=50):
         for i in range(0, n, batch):
             chunk = samples[i : i + batch]
             prompts = [PROMPT.format(question=s.question).replace("<image>", " ".join(["<image>"] * n_img)) for s in chunk]
-            enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-            logits = model(**enc, pixel_values=pixels([s.scene for s in chunk], size), logits_to_keep=1).logits[:, -1]
+            enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+            pv = pixels([s.scene for s in chunk], size).to(model.device)
+            logits = model(**enc, pixel_values=pv, logits_to_keep=1).logits[:, -1]
             pred = tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
             hits += [p == s.answers[0] for p, s in zip(pred, chunk)]
         res[name] = sum(hits) / n
@@ -423,6 +464,50 @@ def evaluate(model, tok, task_names, n, size, batch=50):
                 res[f"{name}/{fam}"] = round(sum(got) / len(got), 3)
     model.train()
     return res
+
+
+_TASKS: dict = {}
+
+
+def step_batch(job):
+    """One step's questions from a per-step generator (``seed``, ``step``), so that worker processes can
+    draw them in any order: ``job`` is ``(seed, step, task_names, n_images, q_per_image, n_max,
+    caption_partner, focus)``."""
+    seed, step, names, n_images, q_per_image, n_max, caption_partner, focus = job
+    tasks = [_TASKS.setdefault(n, get_task(n)) for n in names]
+    return question_batch(tasks, np.random.default_rng([seed, step]), n_images, q_per_image, n_max=n_max,
+                          caption_partner=caption_partner, focus=focus)
+
+
+def _quiet_worker():
+    torch.set_num_threads(1)
+
+
+class Prefetcher:
+    """Draws the next steps' questions in ``workers`` processes while the model trains (for a GPU, where
+    drawing scenes and questions on one core would be the bottleneck); at most ``depth`` steps ahead."""
+
+    def __init__(self, workers: int, depth: int):
+        import multiprocessing as mp
+
+        self.pool = mp.get_context("fork").Pool(workers, initializer=_quiet_worker)
+        self.depth, self.pending = depth, {}
+
+    def get(self, step: int, job_for):
+        """Step ``step``'s batch; ``job_for(i)``: the :func:`step_batch` job of step ``i``."""
+        for i in range(step, step + self.depth):
+            if i not in self.pending:
+                self.pending[i] = self.pool.apply_async(step_batch, (job_for(i),))
+        return self.pending.pop(step).get()
+
+    def close(self):
+        self.pool.terminate()
+
+
+def fit_steps(done: int, pace_s: float, left_s: float) -> int:
+    """The step count that ends a wall-clock budget: ``done`` steps so far, ``pace_s`` seconds a step,
+    ``left_s`` seconds of budget left."""
+    return done + max(1, int(left_s / pace_s))
 
 
 def cosine(step, total, warmup, base):
@@ -443,6 +528,14 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the LM stage trains there; scenes are drawn on the CPU)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes drawing the next steps' questions ahead (0: in the training loop). With workers "
+                        "each step draws from its own generator (seed, step), so the draws differ from --workers 0's")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="LM-stage wall-clock budget: at the fit step (the first step >= 100 after a quarter of the "
+                        "budget) --lm-steps is set from the pace so far and written to curve.json; the run also stops "
+                        "at 1.15 times the budget. 0: --lm-steps as given")
     p.add_argument("--init", default=None, help="start from this saved model (e.g. to skip stage 1 with --vision-steps 0)")
     p.add_argument("--grounding", type=float, default=1.0, help="1: add the dense grounding loss in stage 2; 0: off")
     p.add_argument("--curriculum", type=float, default=0.3, help="share of stage 2 over which scenes grow from 1 to 5 objects")
@@ -468,6 +561,10 @@ def main(argv=None):
     p.add_argument("--cells", type=float, default=0.0,
                    help="weight of a loss by which at_cell questions' image tokens learn, at LM layer 1, the asked "
                         "cell and whether they lie in it (ours; 0: off)")
+    p.add_argument("--starts", type=float, default=0.0,
+                   help="weight of a loss by which counting questions' image tokens learn, at LM layer 3, whether they "
+                        "are the first visible token of an object counted (ours; 0: off)")
+    p.add_argument("--start-families", default="count,count_all", help="the families --starts applies to")
     p.add_argument("--caption-partner", type=float, default=0.0,
                    help="probability that a training caption names a present object's absent co-occurrence partner "
                         "after it (prior-driven annotation); held-out captions stay exact")
@@ -489,11 +586,18 @@ def main(argv=None):
         p.error(f"--slots: unknown families {sorted(slot_families - VQA_FAMILIES)}; known: {sorted(VQA_FAMILIES)}")
     if args.grow_layers < 0 or (args.grow_layers and not args.init):
         p.error(f"--grow-layers: a count >= 0 that needs --init (a model to grow), got {args.grow_layers}")
-    for flag, value in (("--roles", args.roles), ("--cells", args.cells)):
+    start_families = set(args.start_families.split(",")) - {""}
+    if start_families - VQA_FAMILIES:
+        p.error(f"--start-families: unknown families {sorted(start_families - VQA_FAMILIES)}; known: {sorted(VQA_FAMILIES)}")
+    if args.workers < 0 or args.minutes < 0:
+        p.error("--workers and --minutes: >= 0")
+    for flag, value in (("--roles", args.roles), ("--cells", args.cells), ("--starts", args.starts)):
         if value < 0:
             p.error(f"{flag}: a loss weight >= 0, got {value}")
     if not 0 <= args.caption_partner <= 1:
         p.error(f"--caption-partner: a probability, got {args.caption_partner}")
+    if args.minutes and args.curriculum:
+        p.error("--minutes sets the step count as it runs; the curriculum's ramp needs it up front (--curriculum 0)")
     if args.quick:
         args.vision_steps = min(args.vision_steps, 3)
         args.lm_steps, args.eval_every, args.eval_n, args.images = 3, 3, 20, 4
@@ -501,6 +605,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     os.makedirs(args.out, exist_ok=True)
+    # forked before the model is built or CUDA starts: the workers only draw scenes and questions
+    prefetch = Prefetcher(args.workers, 2 * args.workers) if args.workers else None
 
     from transformers import LlavaForConditionalGeneration
 
@@ -518,9 +624,13 @@ def main(argv=None):
         config = tiny_llava_config(len(tok))
         model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation("sdpa")
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(args.device)
     size = config.vision_config.image_size
     grid = size // config.vision_config.patch_size
-    heads = VisionHeads(config.vision_config.hidden_size)
+    heads = VisionHeads(config.vision_config.hidden_size).to(args.device)
     curve = {"vision": [], "lm": [], "args": vars(args)}
     t0 = time.time()
 
@@ -550,8 +660,11 @@ def main(argv=None):
     slots = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 27)) if slot_families else None
     roles = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 3)) if args.roles else None
     cell_head = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 11)) if args.cells else None
-    for head in (grounding, readout, slots, roles, cell_head):
-        params += list(head.parameters()) if head is not None else []
+    starts = torch.nn.Sequential(torch.nn.LayerNorm(d_lm), torch.nn.Linear(d_lm, 1)) if args.starts else None
+    for head in (grounding, readout, slots, roles, cell_head, starts):
+        if head is not None:
+            head.to(model.device)
+            params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     tasks = []
     for part in args.tasks.split(","):
@@ -561,27 +674,56 @@ def main(argv=None):
     readout_last = set(args.readout_last.split(",")) - {""}
     model.train()
     ramp = max(1, int(args.curriculum * args.lm_steps))
-    for step in range(args.lm_steps):
-        for g in opt.param_groups:
-            g["lr"] = cosine(step, args.lm_steps, 100, args.lr)
-        n_max = 1 + min(4, (4 * step) // ramp) if args.curriculum else 5
-        samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max, caption_partner=args.caption_partner,
-                                 focus=focus)
-        loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
-                       rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last, slots=slots,
-                       slot_families=slot_families, roles=roles, role_weight=args.roles, cell_head=cell_head,
-                       cell_weight=args.cells)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 25 == 0:
-            print(f"lm {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step == args.lm_steps - 1:
-            acc = evaluate(model, tok, ["synth-vqa", "synth-pope"], args.eval_n, size)
-            curve["lm"].append({"step": step + 1, "loss": loss.item(), "s": time.time() - t0} | acc)
-            print(f"eval {step + 1} {acc} {time.time() - t0:.0f}s", flush=True)
-            save(model, tok, args.out, curve)
+    names = [t.name for t in tasks]
+
+    def job_for(i):
+        n_max = 1 + min(4, (4 * i) // ramp) if args.curriculum else 5
+        return (args.seed, i, names, args.images, args.questions, n_max, args.caption_partner, focus)
+
+    t_lm = time.time()
+    budget = 60 * args.minutes
+    step = 0
+    try:
+        while step < args.lm_steps:
+            for g in opt.param_groups:
+                g["lr"] = cosine(step, args.lm_steps, 100, args.lr)
+            if prefetch:
+                samples = prefetch.get(step, job_for)
+            else:
+                samples = question_batch(tasks, rng, args.images, args.questions, n_max=job_for(step)[5],
+                                         caption_partner=args.caption_partner, focus=focus)
+            loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
+                           rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last, slots=slots,
+                           slot_families=slot_families, roles=roles, role_weight=args.roles, cell_head=cell_head,
+                           cell_weight=args.cells, starts=starts, start_families=start_families, start_weight=args.starts)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            spent = time.time() - t_lm
+            if budget and "fitted_steps" not in curve and step >= 100 and spent >= budget / 4:
+                args.lm_steps = fit_steps(step, spent / step, budget - spent)
+                curve["fitted_steps"] = {"at_step": step, "s_per_step": spent / step, "lm_steps": args.lm_steps}
+                print(f"{1000 * spent / step:.1f} ms a step: {args.lm_steps} steps fit {args.minutes} min", flush=True)
+            if budget and spent > 1.15 * budget:
+                curve["stopped_at"] = {"step": step, "s": spent, "reason": "1.15 x --minutes passed"}
+                print(f"stopped at step {step}: past 1.15 x the budget", flush=True)
+                break
+            if (step - 1) % 25 == 0:
+                print(f"lm {step - 1} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
+            if step % args.eval_every == 0 or step == args.lm_steps:
+                acc = evaluate(model, tok, ["synth-vqa", "synth-pope"], args.eval_n, size)
+                curve["lm"].append({"step": step, "loss": loss.item(), "s": time.time() - t0} | acc)
+                print(f"eval {step} {acc} {time.time() - t0:.0f}s", flush=True)
+                save(model, tok, args.out, curve)
+    finally:
+        if prefetch:
+            prefetch.close()
+    if step and (not curve["lm"] or curve["lm"][-1]["step"] != step):
+        acc = evaluate(model, tok, ["synth-vqa", "synth-pope"], args.eval_n, size)
+        curve["lm"].append({"step": step, "loss": loss.item(), "s": time.time() - t0} | acc)
+        print(f"eval {step} {acc} {time.time() - t0:.0f}s", flush=True)
     save(model, tok, args.out, curve)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 
