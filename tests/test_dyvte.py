@@ -141,6 +141,7 @@ def test_train_routers_learns_a_separable_rule(llava):
 
 
 def test_router_training_script_quick_mode(tmp_path):
+    import json
     import os
     import subprocess
     import sys
@@ -151,4 +152,5 @@ def test_router_training_script_quick_mode(tmp_path):
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     routers = Routers.load(str(out))
-    assert routers.layers == [1, 2, 3] and routers.text == "all"
+    cfg = json.load(open(os.path.join(root, "mmtoken", "checkpoints", "tiny-llava", "config.json")))
+    assert routers.layers == list(range(1, cfg["text_config"]["num_hidden_layers"])) and routers.text == "all"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,6 +109,72 @@ def test_training_script_quick_mode(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
     assert model.config.image_token_id == 3
     assert (tmp_path / "curve.json").exists()
+
+
+def test_training_continuation_with_workers_budget_and_start_flags(tmp_path):
+    """Continuing the shipped model with questions drawn in a worker process, the first-token count target
+    and a wall-clock budget so small that the run stops after its first step; then the LM travels
+    without its ViT (llava_parts split / join) and loads back with the same weights (float16-rounded)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    shipped = os.path.join(ROOT, "mmtoken", "checkpoints", "tiny-llava")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), "--out", str(tmp_path / "run"),
+                        "--init", shipped, "--vision-steps", "0", "--curriculum", "0", "--images", "2", "--questions", "2",
+                        "--eval-n", "10", "--workers", "1", "--starts", "1", "--minutes", "0.0001", "--threads", "1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    curve = json.loads((tmp_path / "run" / "curve.json").read_text())
+    assert curve["stopped_at"]["step"] == 1 and [e["step"] for e in curve["lm"]] == [1]
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), "--out", str(tmp_path / "x"),
+                          "--minutes", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "--curriculum 0" in bad.stderr
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from llava_parts import join, split
+    from transformers import LlavaForConditionalGeneration
+
+    split(str(tmp_path / "run" / "model"), str(tmp_path / "parts"))
+    assert not any(n.startswith("model") for n in os.listdir(tmp_path / "parts"))
+    join(str(tmp_path / "parts"), shipped, str(tmp_path / "back"))
+    a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / "model").state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(tmp_path / "back").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].half().float(), b[k]), k
+    no_vit = tmp_path / "no_vit"
+    no_vit.mkdir()
+    shutil.copy(tmp_path / "parts" / "lm.safetensors", no_vit / "model.safetensors")
+    with pytest.raises(SystemExit, match="vision_tower"):
+        split(str(no_vit), str(tmp_path / "nope"))
+    with pytest.raises(SystemExit, match="does not fit"):
+        join(str(tmp_path / "parts"), str(no_vit), str(tmp_path / "nope"))
+    assert not (tmp_path / "nope").exists()
+
+
+def test_start_flags_step_batches_and_budget_fit():
+    """--starts targets: exactly one flagged kept token per visible referent of a counting question, the
+    first in raster order; per-step question draws depend on (seed, step) only; the budget's step count."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from train_tiny_llava import fit_steps, object_masks, referents, start_targets, step_batch
+
+    qs = [s for s in get_task("synth-vqa").samples("test", 200) if s.family in ("count", "count_all", "colour")][:12]
+    keeps = [torch.arange(144) if i % 2 else torch.arange(0, 144, 2) for i in range(len(qs))]
+    t = start_targets(qs, keeps, 12, {"count", "count_all"})
+    start = 0
+    for s, k in zip(qs, keeps):
+        part, start = t[start : start + len(k)], start + len(k)
+        if s.family == "colour":
+            assert (part == -100).all()
+            continue
+        want = set()
+        for m in object_masks(referents(s.question, s.scene), 12):
+            inside = [j for j, i in enumerate(k.tolist()) if m[i] > 0]
+            want |= {inside[0]} if inside else set()
+        assert set(part.nonzero().flatten().tolist()) == want and set(part.tolist()) <= {0, 1}
+    assert {s.family for s in qs} >= {"count", "count_all", "colour"}
+    job = (3, 7, ["synth-vqa", "synth-caption"], 3, 2, 5, 0.5, None)
+    one, two, other = step_batch(job), step_batch(job), step_batch(job[:1] + (8,) + job[2:])
+    assert [(s.question, s.answers) for s in one] == [(s.question, s.answers) for s in two]
+    assert [s.question for s in one] != [s.question for s in other] and len(one) == 6
+    assert fit_steps(100, 0.5, 30.0) == 160 and fit_steps(100, 0.5, 0.0) == 101
 
 
 def test_caption_lists_every_object_in_cell_order_and_chair_is_exact():
