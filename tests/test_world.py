@@ -527,8 +527,9 @@ def test_probe_script_reports_every_layer(capsys):
     assert len(qs) == 24 and all(s.family == "at_cell" and len(s.scene.objects) >= 3 for s in qs)
     main(["--family", "at_cell", "--n", "24", "--threads", "1"])
     out = capsys.readouterr().out
+    n_layers = json.load(open(os.path.join(ROOT, "mmtoken", "checkpoints", "tiny-llava", "config.json")))["text_config"]["num_hidden_layers"]
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("layer") and "recall" in line] == [
-        f"layer {i}" for i in range(5)]
+        f"layer {i}" for i in range(n_layers + 1)]
     assert "asked cell" in out and "per head" in out
     with pytest.raises(SystemExit):
         main(["--family", "nope", "--n", "24"])
