@@ -9,7 +9,8 @@ the shipped ViT bit for bit; only the projector and the language model need to t
 ``split`` writes ``lm.safetensors`` (every weight outside the vision tower, in float16) and copies the
 folder's JSON files; ``join`` takes the vision tower from a second model folder and writes a loadable
 ``model.safetensors`` (float32 for the float16 parts and the vision tower alike). ``split`` checks
-nothing about the ViT; ``join`` loads the result back and refuses one with missing, unexpected or mismatched weights.
+nothing about the ViT; ``join`` writes a new folder only, loads the result back and refuses one with
+missing, unexpected or mis-shaped weights (removing what it wrote).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def join(parts: str, vision_from: str, dst: str) -> int:
     number of tensors."""
     from transformers import LlavaForConditionalGeneration
 
+    if os.path.exists(dst) and os.listdir(dst):
+        raise SystemExit(f"{dst}: exists and is not empty; join writes a new model folder")
     lm = load_file(os.path.join(parts, "lm.safetensors"))
     vision = {k: v for k, v in load_file(os.path.join(vision_from, "model.safetensors")).items() if k.startswith(VISION)}
     os.makedirs(dst, exist_ok=True)
@@ -52,8 +55,11 @@ def join(parts: str, vision_from: str, dst: str) -> int:
     for name in os.listdir(parts):
         if name != "lm.safetensors":
             shutil.copy(os.path.join(parts, name), dst)
-    _, info = LlavaForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    try:
+        _, info = LlavaForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
+        bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    except RuntimeError as e:  # a weight of the wrong shape
+        bad = {"error": str(e).splitlines()[0]}
     if bad:
         shutil.rmtree(dst)
         raise SystemExit(f"{vision_from}/model.safetensors: its vision tower does not fit {parts}/config.json: {bad}")

@@ -11,7 +11,7 @@ tokens can attend to it. The loss is on the answer and ``</s>``.
     python scripts/train_tiny_llava.py --quick --out /tmp/tl             # a few steps: checks the script
 
 Writes ``OUT/model`` (safetensors + config + tokenizer + processor), ``OUT/curve.json`` (held-out accuracy
-over steps, wall time) and checkpoints as it goes; ``--resume`` continues from the last checkpoint.
+over steps, wall time) and checkpoints as it goes; ``--init OUT/model`` continues from the last one.
 """
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ def start_targets(samples, keeps, grid: int, families) -> torch.Tensor:
 
 
 ROLE_WEIGHTS = (0.1, 1.0, 1.0)  # "neither" is about 91% of a relation question's visual tokens
-START_POS_WEIGHT = 10.0  # a counting question flags 1-5 of its up to 144 visual tokens
+START_POS_WEIGHT = 10.0  # a counting question flags 0-5 of its up to 144 visual tokens
 
 
 def decomposition_loss(hidden, samples, keeps, is_img, labels, grid, slots=None, slot_families=(), slot_layer=3,
@@ -488,10 +488,12 @@ class Prefetcher:
     drawing scenes and questions on one core would be the bottleneck); at most ``depth`` steps ahead."""
 
     def __init__(self, workers: int, depth: int):
+        import atexit
         import multiprocessing as mp
 
         self.pool = mp.get_context("fork").Pool(workers, initializer=_quiet_worker)
         self.depth, self.pending = depth, {}
+        atexit.register(self.pool.terminate)  # also when model loading or stage 1 fails before the loop
 
     def get(self, step: int, job_for):
         """Step ``step``'s batch; ``job_for(i)``: the :func:`step_batch` job of step ``i``."""
@@ -508,6 +510,28 @@ def fit_steps(done: int, pace_s: float, left_s: float) -> int:
     """The step count that ends a wall-clock budget: ``done`` steps so far, ``pace_s`` seconds a step,
     ``left_s`` seconds of budget left."""
     return done + max(1, int(left_s / pace_s))
+
+
+class Budget:
+    """``--minutes``: at the first step >= 100 after each quarter of the budget (1/4, 1/2, 3/4) the step
+    count becomes what fits at the pace since the previous fit (the first: since the start), so a run
+    that slows down (a shared GPU) still ends its schedule near the budget; past 1.15 times the budget
+    the run stops. ``fits`` records each fit."""
+
+    def __init__(self, minutes: float):
+        self.seconds, self.fits = 60 * minutes, []
+
+    def update(self, step: int, spent: float, steps: int) -> tuple[int, bool]:
+        """``(steps, stop)`` after step ``step`` (``spent`` seconds in, ``steps`` the current count)."""
+        if not self.seconds:
+            return steps, False
+        if step >= 100 and len(self.fits) < 3 and spent >= self.seconds * (len(self.fits) + 1) / 4:
+            last_step, last_s = (self.fits[-1]["at_step"], self.fits[-1]["s"]) if self.fits else (0, 0.0)
+            pace = (spent - last_s) / max(1, step - last_step)
+            new = fit_steps(step, pace, self.seconds - spent)
+            self.fits.append({"at_step": step, "s": spent, "s_per_step": pace, "from": steps, "lm_steps": new})
+            steps = new
+        return steps, spent > 1.15 * self.seconds
 
 
 def cosine(step, total, warmup, base):
@@ -528,14 +552,16 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the LM stage trains there; scenes are drawn on the CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both stages train there; scenes are drawn on the CPU)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes drawing the next steps' questions ahead (0: in the training loop). With workers "
                         "each step draws from its own generator (seed, step), so the draws differ from --workers 0's")
     p.add_argument("--minutes", type=float, default=0.0,
-                   help="LM-stage wall-clock budget: at the fit step (the first step >= 100 after a quarter of the "
-                        "budget) --lm-steps is set from the pace so far and written to curve.json; the run also stops "
-                        "at 1.15 times the budget. 0: --lm-steps as given")
+                   help="LM-stage wall-clock budget: after each quarter of it (at a step >= 100) --lm-steps is set "
+                        "from the pace since the previous fit and written to curve.json; the run also stops at 1.15 "
+                        "times the budget. 0: --lm-steps as given")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this many LM steps, keeping the learning-rate schedule of --lm-steps (0: no)")
     p.add_argument("--init", default=None, help="start from this saved model (e.g. to skip stage 1 with --vision-steps 0)")
     p.add_argument("--grounding", type=float, default=1.0, help="1: add the dense grounding loss in stage 2; 0: off")
     p.add_argument("--curriculum", type=float, default=0.3, help="share of stage 2 over which scenes grow from 1 to 5 objects")
@@ -589,8 +615,8 @@ def main(argv=None):
     start_families = set(args.start_families.split(",")) - {""}
     if start_families - VQA_FAMILIES:
         p.error(f"--start-families: unknown families {sorted(start_families - VQA_FAMILIES)}; known: {sorted(VQA_FAMILIES)}")
-    if args.workers < 0 or args.minutes < 0:
-        p.error("--workers and --minutes: >= 0")
+    if args.workers < 0 or args.minutes < 0 or args.stop_after < 0:
+        p.error("--workers, --minutes and --stop-after: >= 0")
     for flag, value in (("--roles", args.roles), ("--cells", args.cells), ("--starts", args.starts)):
         if value < 0:
             p.error(f"{flag}: a loss weight >= 0, got {value}")
@@ -631,7 +657,7 @@ def main(argv=None):
     size = config.vision_config.image_size
     grid = size // config.vision_config.patch_size
     heads = VisionHeads(config.vision_config.hidden_size).to(args.device)
-    curve = {"vision": [], "lm": [], "args": vars(args)}
+    curve = {"vision": [], "lm": [], "args": dict(vars(args))}  # as given: --minutes changes args.lm_steps
     t0 = time.time()
 
     # stage 1: vision
@@ -681,10 +707,10 @@ def main(argv=None):
         return (args.seed, i, names, args.images, args.questions, n_max, args.caption_partner, focus)
 
     t_lm = time.time()
-    budget = 60 * args.minutes
+    budget = Budget(args.minutes)
     step = 0
     try:
-        while step < args.lm_steps:
+        while step < min(args.lm_steps, args.stop_after or args.lm_steps):
             for g in opt.param_groups:
                 g["lr"] = cosine(step, args.lm_steps, 100, args.lr)
             if prefetch:
@@ -702,11 +728,13 @@ def main(argv=None):
             opt.step()
             step += 1
             spent = time.time() - t_lm
-            if budget and "fitted_steps" not in curve and step >= 100 and spent >= budget / 4:
-                args.lm_steps = fit_steps(step, spent / step, budget - spent)
-                curve["fitted_steps"] = {"at_step": step, "s_per_step": spent / step, "lm_steps": args.lm_steps}
-                print(f"{1000 * spent / step:.1f} ms a step: {args.lm_steps} steps fit {args.minutes} min", flush=True)
-            if budget and spent > 1.15 * budget:
+            n_fits = len(budget.fits)
+            args.lm_steps, stop = budget.update(step, spent, args.lm_steps)
+            if len(budget.fits) > n_fits:
+                curve["fitted_steps"] = budget.fits
+                print(f"{1000 * budget.fits[-1]['s_per_step']:.1f} ms a step: {args.lm_steps} steps fit {args.minutes} min",
+                      flush=True)
+            if stop:
                 curve["stopped_at"] = {"step": step, "s": spent, "reason": "1.15 x --minutes passed"}
                 print(f"stopped at step {step}: past 1.15 x the budget", flush=True)
                 break

@@ -147,13 +147,26 @@ def test_training_continuation_with_workers_budget_and_start_flags(tmp_path):
     with pytest.raises(SystemExit, match="does not fit"):
         join(str(tmp_path / "parts"), str(no_vit), str(tmp_path / "nope"))
     assert not (tmp_path / "nope").exists()
+    with pytest.raises(SystemExit, match="not empty"):  # never writes into an existing model folder
+        join(str(tmp_path / "parts"), shipped, str(tmp_path / "back"))
+    from safetensors.torch import load_file, save_file
+
+    bent = tmp_path / "bent"
+    bent.mkdir()
+    w = load_file(os.path.join(shipped, "model.safetensors"))
+    name = next(k for k in w if k.startswith("vision_tower.") and k.endswith("fc1.weight"))
+    w[name] = w[name][:-1].contiguous()  # one row short: a ViT of another width
+    save_file(w, bent / "model.safetensors")
+    with pytest.raises(SystemExit, match="does not fit"):
+        join(str(tmp_path / "parts"), str(bent), str(tmp_path / "nope"))
+    assert not (tmp_path / "nope").exists()
 
 
 def test_start_flags_step_batches_and_budget_fit():
     """--starts targets: exactly one flagged kept token per visible referent of a counting question, the
     first in raster order; per-step question draws depend on (seed, step) only; the budget's step count."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from train_tiny_llava import fit_steps, object_masks, referents, start_targets, step_batch
+    from train_tiny_llava import Budget, fit_steps, object_masks, referents, start_targets, step_batch
 
     qs = [s for s in get_task("synth-vqa").samples("test", 200) if s.family in ("count", "count_all", "colour")][:12]
     keeps = [torch.arange(144) if i % 2 else torch.arange(0, 144, 2) for i in range(len(qs))]
@@ -170,11 +183,26 @@ def test_start_flags_step_batches_and_budget_fit():
             want |= {inside[0]} if inside else set()
         assert set(part.nonzero().flatten().tolist()) == want and set(part.tolist()) <= {0, 1}
     assert {s.family for s in qs} >= {"count", "count_all", "colour"}
+    # with every token kept, a count-all question flags one token per object: the answer
+    for s in [q for q in get_task("synth-vqa").samples("test", 300) if q.family == "count_all"][:20]:
+        flags = start_targets([s], [torch.arange(144)], 12, {"count_all"})
+        masks = object_masks(s.scene.objects, 12)
+        firsts = {int(m.nonzero()[0]) for m in masks}  # objects whose first patches coincide share a flag
+        assert int(flags.sum()) == len(firsts) and (len(firsts) < len(masks) or int(flags.sum()) == int(s.answers[0]))
     job = (3, 7, ["synth-vqa", "synth-caption"], 3, 2, 5, 0.5, None)
     one, two, other = step_batch(job), step_batch(job), step_batch(job[:1] + (8,) + job[2:])
     assert [(s.question, s.answers) for s in one] == [(s.question, s.answers) for s in two]
     assert [s.question for s in one] != [s.question for s in other] and len(one) == 6
     assert fit_steps(100, 0.5, 30.0) == 160 and fit_steps(100, 0.5, 0.0) == 101
+    # --minutes: a fit after each quarter of the budget, at the pace since the last one; a stop at 1.15x
+    b = Budget(1.0)  # 60 s
+    assert b.update(50, 20.0, 4000) == (4000, False) and not b.fits  # before step 100: no fit
+    assert b.update(150, 20.0, 4000) == (150 + int(40 / (20 / 150)), False)
+    steps = b.fits[-1]["lm_steps"]
+    assert b.update(200, 25.0, steps) == (steps, False)  # a quarter passed, not yet a half
+    assert b.update(250, 32.0, steps) == (250 + int(28 / (12 / 100)), False)  # pace of steps 150-250 only
+    assert [f["at_step"] for f in b.fits] == [150, 250] and b.update(260, 70.0, 9)[1]
+    assert Budget(0).update(500, 1e9, 7) == (7, False)
 
 
 def test_caption_lists_every_object_in_cell_order_and_chair_is_exact():
