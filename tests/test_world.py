@@ -184,11 +184,16 @@ def test_start_flags_step_batches_and_budget_fit():
         assert set(part.nonzero().flatten().tolist()) == want and set(part.tolist()) <= {0, 1}
     assert {s.family for s in qs} >= {"count", "count_all", "colour"}
     # with every token kept, a count-all question flags one token per object: the answer
+    exact = 0
     for s in [q for q in get_task("synth-vqa").samples("test", 300) if q.family == "count_all"][:20]:
         flags = start_targets([s], [torch.arange(144)], 12, {"count_all"})
         masks = object_masks(s.scene.objects, 12)
         firsts = {int(m.nonzero()[0]) for m in masks}  # objects whose first patches coincide share a flag
-        assert int(flags.sum()) == len(firsts) and (len(firsts) < len(masks) or int(flags.sum()) == int(s.answers[0]))
+        assert int(flags.sum()) == len(firsts)
+        if len(firsts) == len(masks):
+            assert int(flags.sum()) == int(s.answers[0])
+            exact += 1
+    assert exact >= 15
     job = (3, 7, ["synth-vqa", "synth-caption"], 3, 2, 5, 0.5, None)
     one, two, other = step_batch(job), step_batch(job), step_batch(job[:1] + (8,) + job[2:])
     assert [(s.question, s.answers) for s in one] == [(s.question, s.answers) for s in two]
