@@ -58,8 +58,8 @@ def join(parts: str, vision_from: str, dst: str) -> int:
     try:
         _, info = LlavaForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
         bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    except RuntimeError as e:  # a weight of the wrong shape
-        bad = {"error": str(e).splitlines()[0]}
+    except RuntimeError as e:  # a weight of the wrong shape: the message names it
+        bad = {"error": " ".join(str(e).split())}
     if bad:
         shutil.rmtree(dst)
         raise SystemExit(f"{vision_from}/model.safetensors: its vision tower does not fit {parts}/config.json: {bad}")

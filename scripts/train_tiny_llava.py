@@ -515,8 +515,8 @@ def fit_steps(done: int, pace_s: float, left_s: float) -> int:
 class Budget:
     """``--minutes``: at the first step >= 100 after each quarter of the budget (1/4, 1/2, 3/4) the step
     count becomes what fits at the pace since the previous fit (the first: since the start), so a run
-    that slows down (a shared GPU) still ends its schedule near the budget; past 1.15 times the budget
-    the run stops. ``fits`` records each fit."""
+    that slows down (a shared GPU) still ends its schedule near the budget; quarters passed together
+    (slow first steps) give one fit. Past 1.15 times the budget the run stops. ``fits`` records each fit."""
 
     def __init__(self, minutes: float):
         self.seconds, self.fits = 60 * minutes, []
@@ -525,11 +525,13 @@ class Budget:
         """``(steps, stop)`` after step ``step`` (``spent`` seconds in, ``steps`` the current count)."""
         if not self.seconds:
             return steps, False
-        if step >= 100 and len(self.fits) < 3 and spent >= self.seconds * (len(self.fits) + 1) / 4:
+        quarter = min(3, int(4 * spent / self.seconds))  # quarters of the budget passed (fits at 1, 2, 3)
+        if step >= 100 and quarter > (self.fits[-1]["quarter"] if self.fits else 0):
             last_step, last_s = (self.fits[-1]["at_step"], self.fits[-1]["s"]) if self.fits else (0, 0.0)
             pace = (spent - last_s) / max(1, step - last_step)
             new = fit_steps(step, pace, self.seconds - spent)
-            self.fits.append({"at_step": step, "s": spent, "s_per_step": pace, "from": steps, "lm_steps": new})
+            self.fits.append({"at_step": step, "s": spent, "quarter": quarter, "s_per_step": pace, "from": steps,
+                              "lm_steps": new})
             steps = new
         return steps, spent > 1.15 * self.seconds
 

@@ -124,6 +124,13 @@ def test_training_continuation_with_workers_budget_and_start_flags(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert curve["stopped_at"]["step"] == 1 and [e["step"] for e in curve["lm"]] == [1]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), "--out", str(tmp_path / "run2"),
+                        "--init", shipped, "--vision-steps", "0", "--curriculum", "0", "--images", "1", "--questions", "2",
+                        "--eval-n", "10", "--lm-steps", "5", "--stop-after", "2", "--eval-every", "100", "--threads", "1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    curve = json.loads((tmp_path / "run2" / "curve.json").read_text())
+    assert [e["step"] for e in curve["lm"]] == [2] and curve["args"]["lm_steps"] == 5 and "stopped_at" not in curve
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), "--out", str(tmp_path / "x"),
                           "--minutes", "1"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "--curriculum 0" in bad.stderr
@@ -208,6 +215,9 @@ def test_start_flags_step_batches_and_budget_fit():
     assert b.update(250, 32.0, steps) == (250 + int(28 / (12 / 100)), False)  # pace of steps 150-250 only
     assert [f["at_step"] for f in b.fits] == [150, 250] and b.update(260, 70.0, 9)[1]
     assert Budget(0).update(500, 1e9, 7) == (7, False)
+    late = Budget(1.0)  # step 100 comes after more than half the budget: one fit, not one a step
+    late.update(100, 40.0, 4000)
+    assert late.update(101, 40.2, 4000)[0] == 4000 and len(late.fits) == 1 and late.fits[0]["quarter"] == 2
 
 
 def test_caption_lists_every_object_in_cell_order_and_chair_is_exact():
