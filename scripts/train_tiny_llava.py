@@ -704,9 +704,16 @@ def main(argv=None):
     ramp = max(1, int(args.curriculum * args.lm_steps))
     names = [t.name for t in tasks]
 
+    def n_max_at(i):  # the curriculum's largest object count at step i
+        return 1 + min(4, (4 * i) // ramp) if args.curriculum else 5
+
     def job_for(i):
-        n_max = 1 + min(4, (4 * i) // ramp) if args.curriculum else 5
-        return (args.seed, i, names, args.images, args.questions, n_max, args.caption_partner, focus)
+        return (args.seed, i, names, args.images, args.questions, n_max_at(i), args.caption_partner, focus)
+
+    def record(loss):  # held-out accuracy at this step, into the curve and the log
+        acc = evaluate(model, tok, ["synth-vqa", "synth-pope"], args.eval_n, size)
+        curve["lm"].append({"step": step, "loss": loss.item(), "s": time.time() - t0} | acc)
+        print(f"eval {step} {acc} {time.time() - t0:.0f}s", flush=True)
 
     t_lm = time.time()
     budget = Budget(args.minutes)
@@ -718,7 +725,7 @@ def main(argv=None):
             if prefetch:
                 samples = prefetch.get(step, job_for)
             else:
-                samples = question_batch(tasks, rng, args.images, args.questions, n_max=job_for(step)[5],
+                samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max_at(step),
                                          caption_partner=args.caption_partner, focus=focus)
             loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
                            rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last, slots=slots,
@@ -743,17 +750,13 @@ def main(argv=None):
             if (step - 1) % 25 == 0:
                 print(f"lm {step - 1} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
             if step % args.eval_every == 0 or step == args.lm_steps:
-                acc = evaluate(model, tok, ["synth-vqa", "synth-pope"], args.eval_n, size)
-                curve["lm"].append({"step": step, "loss": loss.item(), "s": time.time() - t0} | acc)
-                print(f"eval {step} {acc} {time.time() - t0:.0f}s", flush=True)
+                record(loss)
                 save(model, tok, args.out, curve)
     finally:
         if prefetch:
             prefetch.close()
     if step and (not curve["lm"] or curve["lm"][-1]["step"] != step):
-        acc = evaluate(model, tok, ["synth-vqa", "synth-pope"], args.eval_n, size)
-        curve["lm"].append({"step": step, "loss": loss.item(), "s": time.time() - t0} | acc)
-        print(f"eval {step} {acc} {time.time() - t0:.0f}s", flush=True)
+        record(loss)
     save(model, tok, args.out, curve)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 

@@ -115,24 +115,25 @@ def test_training_continuation_with_workers_budget_and_start_flags(tmp_path):
     """Continuing the shipped model with questions drawn in a worker process, the first-token count target
     and a wall-clock budget so small that the run stops after its first step; then the LM travels
     without its ViT (llava_parts split / join) and loads back with the same weights (float16-rounded)."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
     shipped = os.path.join(ROOT, "mmtoken", "checkpoints", "tiny-llava")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), "--out", str(tmp_path / "run"),
-                        "--init", shipped, "--vision-steps", "0", "--curriculum", "0", "--images", "2", "--questions", "2",
-                        "--eval-n", "10", "--workers", "1", "--starts", "1", "--minutes", "0.0001", "--threads", "1"],
-                       capture_output=True, text=True, env=env, timeout=600)
+
+    def train(*flags):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), *flags],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+
+    continued = ("--init", shipped, "--vision-steps", "0", "--curriculum", "0", "--questions", "2", "--eval-n", "10",
+                 "--threads", "1")
+    r = train("--out", str(tmp_path / "run"), *continued, "--images", "2", "--workers", "1", "--starts", "1",
+              "--minutes", "0.0001")
     assert r.returncode == 0, r.stderr[-2000:]
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert curve["stopped_at"]["step"] == 1 and [e["step"] for e in curve["lm"]] == [1]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), "--out", str(tmp_path / "run2"),
-                        "--init", shipped, "--vision-steps", "0", "--curriculum", "0", "--images", "1", "--questions", "2",
-                        "--eval-n", "10", "--lm-steps", "5", "--stop-after", "2", "--eval-every", "100", "--threads", "1"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = train("--out", str(tmp_path / "run2"), *continued, "--images", "1", "--lm-steps", "5", "--stop-after", "2",
+              "--eval-every", "100")
     assert r.returncode == 0, r.stderr[-2000:]
     curve = json.loads((tmp_path / "run2" / "curve.json").read_text())
     assert [e["step"] for e in curve["lm"]] == [2] and curve["args"]["lm_steps"] == 5 and "stopped_at" not in curve
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny_llava.py"), "--out", str(tmp_path / "x"),
-                          "--minutes", "1"], capture_output=True, text=True, env=env, timeout=600)
+    bad = train("--out", str(tmp_path / "x"), "--minutes", "1")
     assert bad.returncode == 2 and "--curriculum 0" in bad.stderr
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from llava_parts import join, split
