@@ -27,11 +27,6 @@ from mmtoken.world.scenes import PARTNER  # noqa: E402
 from mmtoken.world.tasks import caption_objects  # noqa: E402
 
 
-def absent_partners(scene) -> set[tuple[str, str]]:
-    cats = scene.categories()
-    return {PARTNER[c] for c in cats if c in PARTNER and PARTNER[c] not in cats}
-
-
 def measure(lm, samples, batch: int) -> dict:
     mentioned, present, partner = [], [], 0
     for i in range(0, len(samples), batch):
@@ -42,7 +37,7 @@ def measure(lm, samples, batch: int) -> dict:
             objs = caption_objects(p)
             mentioned.append({" ".join(o) for o in objs})
             present.append({o.name for o in s.scene.objects})
-            partner += bool(objs & absent_partners(s.scene))
+            partner += bool(objs & s.scene.absent_partners())
     return metrics.chair_metrics(mentioned, present) | {"captions": len(samples), "captions_naming_absent_partner": partner}
 
 
@@ -106,7 +101,7 @@ def main(argv=None) -> None:
     while len(paired) < args.n or len(other) < args.n:  # held-out scenes in order (past the split's 500 if needed)
         s = task.sample("test", index)
         index += 1
-        group = paired if absent_partners(s.scene) else other
+        group = paired if s.scene.absent_partners() else other
         if len(group) < args.n:
             group.append(s)
     print(f"{args.model}, method {args.method}: {index} held-out scenes scanned; {args.n} in each group")

@@ -110,10 +110,12 @@ def drop_tokens(rng, counts: list[int], drop: float, min_keep: float) -> list[to
     return keeps
 
 
-def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0.0, focus=None):
+def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0.0, focus=None, lone_mate=0.0):
     """``n_images`` fresh training scenes (at most ``n_max`` objects) with ``q_per_image`` questions each.
     ``caption_partner`` > 0: training captions are imperfect the way prior-driven annotations are
-    (:func:`partner_caption`); held-out references stay exact. ``focus``: ``(family, share)`` pairs
+    (:func:`partner_caption`); held-out references stay exact. ``lone_mate``: that share of the scenes is
+    drawn again until one of its objects' ``PAIRS`` partner is absent, the scenes where such captions
+    differ from the exact ones. ``focus``: ``(family, share)`` pairs
     (:func:`parse_focus`); each share of the synth-vqa questions is drawn again until it is of that family (when the
     scene allows it)."""
     from mmtoken.world.tasks import Sample
@@ -121,6 +123,12 @@ def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0
     samples = []
     for seed in rng.integers(0, 5_000_000, size=n_images):
         scene = sample_scene(int(seed), n_max=n_max)
+        if lone_mate > 0 and rng.random() < lone_mate:
+            for _ in range(100):  # about one scene in six qualifies
+                if scene.absent_partners():
+                    break
+                seed = rng.integers(0, 5_000_000)
+                scene = sample_scene(int(seed), n_max=n_max)
         for _ in range(q_per_image):
             task = tasks[int(rng.integers(len(tasks)))]
             family, question, answer = task.make(scene, rng, int(rng.integers(1 << 30)))
@@ -472,11 +480,11 @@ _TASKS: dict = {}
 def step_batch(job):
     """One step's questions from a per-step generator (``seed``, ``step``), so that worker processes can
     draw them in any order: ``job`` is ``(seed, step, task_names, n_images, q_per_image, n_max,
-    caption_partner, focus)``."""
-    seed, step, names, n_images, q_per_image, n_max, caption_partner, focus = job
+    caption_partner, focus, lone_mate)``."""
+    seed, step, names, n_images, q_per_image, n_max, caption_partner, focus, lone_mate = job
     tasks = [_TASKS.setdefault(n, get_task(n)) for n in names]
     return question_batch(tasks, np.random.default_rng([seed, step]), n_images, q_per_image, n_max=n_max,
-                          caption_partner=caption_partner, focus=focus)
+                          caption_partner=caption_partner, focus=focus, lone_mate=lone_mate)
 
 
 def _quiet_worker():
@@ -596,6 +604,9 @@ def main(argv=None):
     p.add_argument("--caption-partner", type=float, default=0.0,
                    help="probability that a training caption names a present object's absent co-occurrence partner "
                         "after it (prior-driven annotation); held-out captions stay exact")
+    p.add_argument("--lone-mate", type=float, default=0.0,
+                   help="share of training scenes drawn again until one of their objects' co-occurrence partner is "
+                        "absent (the scenes where --caption-partner acts; about one in six otherwise)")
     p.add_argument("--grow-layers", type=int, default=0,
                    help="with --init: append this many decoder layers to the LM, each starting as a residual no-op "
                         "(ours; the shipped phases 1-5 used none)")
@@ -622,8 +633,9 @@ def main(argv=None):
     for flag, value in (("--roles", args.roles), ("--cells", args.cells), ("--starts", args.starts)):
         if value < 0:
             p.error(f"{flag}: a loss weight >= 0, got {value}")
-    if not 0 <= args.caption_partner <= 1:
-        p.error(f"--caption-partner: a probability, got {args.caption_partner}")
+    for flag, value in (("--caption-partner", args.caption_partner), ("--lone-mate", args.lone_mate)):
+        if not 0 <= value <= 1:
+            p.error(f"{flag}: a probability, got {value}")
     if args.minutes and args.curriculum:
         p.error("--minutes sets the step count as it runs; the curriculum's ramp needs it up front (--curriculum 0)")
     if args.quick:
@@ -708,7 +720,7 @@ def main(argv=None):
         return 1 + min(4, (4 * i) // ramp) if args.curriculum else 5
 
     def job_for(i):
-        return (args.seed, i, names, args.images, args.questions, n_max_at(i), args.caption_partner, focus)
+        return (args.seed, i, names, args.images, args.questions, n_max_at(i), args.caption_partner, focus, args.lone_mate)
 
     def record(loss):  # held-out accuracy at this step, into the curve and the log
         acc = evaluate(model, tok, ["synth-vqa", "synth-pope"], args.eval_n, size)
@@ -726,7 +738,7 @@ def main(argv=None):
                 samples = prefetch.get(step, job_for)
             else:
                 samples = question_batch(tasks, rng, args.images, args.questions, n_max=n_max_at(step),
-                                         caption_partner=args.caption_partner, focus=focus)
+                                         caption_partner=args.caption_partner, focus=focus, lone_mate=args.lone_mate)
             loss = lm_loss(model, tok, samples, args.questions, size, grounding, readout=readout, readout_families=families,
                            rng=rng, drop=args.drop, min_keep=args.min_keep, readout_last=readout_last, slots=slots,
                            slot_families=slot_families, roles=roles, role_weight=args.roles, cell_head=cell_head,

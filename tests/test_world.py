@@ -447,8 +447,17 @@ def test_training_decomposition_targets_and_annotation_options():
     assert full.tolist() == [1 if inside(a, i) else 2 if inside(b, i) else 0 for i in range(grid * grid)]
     # captions: exact at p = 0; at p = 1 every absent partner of a present object follows it, nothing else added
     scenes = [sample_scene(i) for i in range(60)]
-    lonely = [s for s in scenes if any(PARTNER.get(c) and PARTNER[c] not in s.categories() for c in s.categories())]
+    lonely = [s for s in scenes if s.absent_partners()]
     assert lonely and all(partner_caption(s, rng, 0.0) == caption(s) for s in scenes)
+    for s in scenes:  # absent_partners, spelt out
+        cats = s.categories()
+        assert s.absent_partners() == {PARTNER[c] for c in cats if c in PARTNER and PARTNER[c] not in cats}
+    # --lone-mate: that share of the scenes holds an absent partner, against about one in six without
+    share = lambda b: np.mean([bool(x.scene.absent_partners()) for x in b[::2]])  # noqa: E731
+    plain = question_batch([get_task("synth-caption")], np.random.default_rng(2), 300, 2)
+    half = question_batch([get_task("synth-caption")], np.random.default_rng(2), 300, 2, lone_mate=0.5)
+    every = question_batch([get_task("synth-caption")], np.random.default_rng(3), 100, 2, lone_mate=1.0)
+    assert share(plain) < 0.3 and 0.5 < share(half) < 0.7 and share(every) == 1.0
     for s in lonely:
         text = partner_caption(s, rng, 1.0)
         added = caption_objects(text) - s.categories()
@@ -539,13 +548,13 @@ def test_caption_cooccurrence_decision_point():
     """The teacher-forced prefix ends right after the present half of a pair, inside the exact caption, and
     the probabilities read there do not depend on the batch (left padding)."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from caption_cooccurrence import absent_partners, decision_prefixes, partner_probability
+    from caption_cooccurrence import decision_prefixes, partner_probability
 
     import mmtoken
     from mmtoken.world.scenes import PARTNER
     from mmtoken.world.tasks import caption
 
-    samples = [s for s in get_task("synth-caption").samples("test", 200) if absent_partners(s.scene)]
+    samples = [s for s in get_task("synth-caption").samples("test", 200) if s.scene.absent_partners()]
     cases = decision_prefixes(samples)
     assert len(cases) >= 10
     for s, prefix, partner, nxt in cases:

@@ -83,6 +83,12 @@ class Scene:
     def categories(self) -> set[tuple[str, str]]:
         return {o.category for o in self.objects}
 
+    def absent_partners(self) -> set[tuple[str, str]]:
+        """The ``PAIRS`` partners of present objects that are themselves absent (where a learnt
+        co-occurrence prior would report an object that is not there)."""
+        cats = self.categories()
+        return {PARTNER[c] for c in cats if c in PARTNER and PARTNER[c] not in cats}
+
 
 def _categories(rng: np.random.Generator, n: int, n_max: int, pair_bias: float) -> list[tuple[str, str]]:
     """``n`` distinct (colour, shape) categories; a placed category brings its ``PAIRS`` partner with
