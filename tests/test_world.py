@@ -202,7 +202,7 @@ def test_start_flags_step_batches_and_budget_fit():
             assert int(flags.sum()) == int(s.answers[0])
             exact += 1
     assert exact >= 15
-    job = (3, 7, ["synth-vqa", "synth-caption"], 3, 2, 5, 0.5, None)
+    job = (3, 7, ["synth-vqa", "synth-caption"], 3, 2, 5, 0.5, None, 0.5)
     one, two, other = step_batch(job), step_batch(job), step_batch(job[:1] + (8,) + job[2:])
     assert [(s.question, s.answers) for s in one] == [(s.question, s.answers) for s in two]
     assert [s.question for s in one] != [s.question for s in other] and len(one) == 6
