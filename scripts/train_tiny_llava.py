@@ -124,7 +124,7 @@ def question_batch(tasks, rng, n_images, q_per_image, n_max=5, caption_partner=0
     for seed in rng.integers(0, 5_000_000, size=n_images):
         scene = sample_scene(int(seed), n_max=n_max)
         if lone_mate > 0 and rng.random() < lone_mate:
-            for _ in range(100):  # about one scene in six qualifies
+            for _ in range(100):  # about one scene in five qualifies
                 if scene.absent_partners():
                     break
                 seed = rng.integers(0, 5_000_000)
@@ -606,7 +606,7 @@ def main(argv=None):
                         "after it (prior-driven annotation); held-out captions stay exact")
     p.add_argument("--lone-mate", type=float, default=0.0,
                    help="share of training scenes drawn again until one of their objects' co-occurrence partner is "
-                        "absent (the scenes where --caption-partner acts; about one in six otherwise)")
+                        "absent (the scenes where --caption-partner acts; about one in five otherwise)")
     p.add_argument("--grow-layers", type=int, default=0,
                    help="with --init: append this many decoder layers to the LM, each starting as a residual no-op "
                         "(ours; the shipped phases 1-5 used none)")

@@ -24,6 +24,7 @@ VARIANTS=${VARIANTS:-G1 G2 G3}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-4000}  # the provisional step count, until --minutes fits it
 IMAGES=${IMAGES:-16}
+SEED=${SEED:-9}  # phases 13 and 14 both ran with 9; a continuation draws new scenes with a new seed
 set -- $VARIANTS
 [ $# -ge 1 ] || { echo "VARIANTS: name at least one of G1, G2, G3, H1, H2" >&2; exit 2; }
 for v in "$@"; do
@@ -36,7 +37,7 @@ captions4=(--tasks synth-vqa:4,synth-pope:1,synth-caption:4,synth-format:1 --sta
 base=(--init "$INIT" --vision-steps 0 --device "$DEVICE" --workers "$WORKERS" --minutes "$MINUTES"
       --lm-steps "$STEPS" --eval-every 1000 --eval-n 300 --images "$IMAGES" --questions 4 --curriculum 0 --drop 0.5
       --readout-families colour,shape,size,position,at_cell,count,count_all --slots relation,count_all,count,at_cell
-      --roles 1 --cells 2 --caption-partner 0.9 --lr 3e-4 --seed 9 --threads 1)
+      --roles 1 --cells 2 --caption-partner 0.9 --lr 3e-4 --seed "$SEED" --threads 1)
 
 run() {  # $1: variant name; the rest: its flags
     local name=$1; shift

@@ -203,6 +203,7 @@ def test_start_flags_step_batches_and_budget_fit():
             exact += 1
     assert exact >= 15
     job = (3, 7, ["synth-vqa", "synth-caption"], 3, 2, 5, 0.5, None, 0.5)
+    assert all(s.scene.absent_partners() for s in step_batch(job[:-1] + (1.0,)))  # the job's lone_mate reaches the draw
     one, two, other = step_batch(job), step_batch(job), step_batch(job[:1] + (8,) + job[2:])
     assert [(s.question, s.answers) for s in one] == [(s.question, s.answers) for s in two]
     assert [s.question for s in one] != [s.question for s in other] and len(one) == 6
@@ -449,10 +450,17 @@ def test_training_decomposition_targets_and_annotation_options():
     scenes = [sample_scene(i) for i in range(60)]
     lonely = [s for s in scenes if s.absent_partners()]
     assert lonely and all(partner_caption(s, rng, 0.0) == caption(s) for s in scenes)
-    for s in scenes:  # absent_partners, spelt out
-        cats = s.categories()
-        assert s.absent_partners() == {PARTNER[c] for c in cats if c in PARTNER and PARTNER[c] not in cats}
-    # --lone-mate: that share of the scenes holds an absent partner, against about one in six without
+    from mmtoken.world.scenes import Obj, Scene
+
+    def made(*cats):  # a scene holding these (colour, shape) categories
+        objs = [Obj(shape=sh, colour=c, size="small", cell=i, cx=16.0 + 32 * i, cy=16.0, r=7.0) for i, (c, sh) in enumerate(cats)]
+        return Scene(seed=0, objects=objs, background=(128, 128, 128), clutter=0.0, clutter_seed=0)
+
+    assert made(("red", "circle")).absent_partners() == {("blue", "square")}
+    assert made(("red", "circle"), ("blue", "square")).absent_partners() == set()
+    assert made(("green", "cross"), ("yellow", "cross")).absent_partners() == {("green", "triangle")}
+    assert made(("green", "cross")).absent_partners() == set()
+    # --lone-mate: that share of the scenes holds an absent partner, against about one in five without
     share = lambda b: np.mean([bool(x.scene.absent_partners()) for x in b[::2]])  # noqa: E731
     plain = question_batch([get_task("synth-caption")], np.random.default_rng(2), 300, 2)
     half = question_batch([get_task("synth-caption")], np.random.default_rng(2), 300, 2, lone_mate=0.5)
