@@ -59,13 +59,13 @@ def test_tiny_seed_is_shipped_and_uses_half_its_codebook_on_held_out_images():
     items = TASKS["synth-vqa"].items(200)
     ids = torch.cat([tok.encode([it.image for it in items[i : i + 50]]) for i in range(0, 200, 50)])
     assert ids.shape == (200, 32) and tok.image_size == 96
-    assert torch.unique(ids).numel() >= 0.5 * tok.config.codes  # the issue's bar on held-out images
+    assert torch.unique(ids).numel() >= 0.5 * tok.config.codes  # the codebook-usage target, on held-out images
     images = tok.decode(ids[:4])
     assert images.shape == (4, 3, 96, 96) and 0 <= images.min() and images.max() <= 1
 
 
 def test_tiny_flextok_reconstructs_better_with_every_longer_prefix():
-    """The issue's first FlexTok bar, on held-out images: quality rises with the number of tokens k."""
+    """FlexTok's first target, on held-out images: quality rises with the number of tokens k."""
     import mmtoken.tokenizers as T
 
     tok = T.load("tiny-flextok")
