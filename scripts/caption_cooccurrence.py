@@ -48,11 +48,11 @@ def decision_prefixes(samples) -> list[tuple[object, str, str, str]]:
     word)."""
     out = []
     for s in samples:
-        cats = s.scene.categories()
+        absent = s.scene.absent_partners()
         objs = sorted(s.scene.objects, key=lambda o: o.cell)
         for i, o in enumerate(objs[:-2]):  # the object after the mate is not the last one: a comma follows the mate
             partner = PARTNER.get(o.category)
-            if partner and partner not in cats and partner[0] != objs[i + 1].colour:
+            if partner in absent and partner[0] != objs[i + 1].colour:
                 prefix = " , ".join(x.name for x in objs[: i + 1]) + " ,"
                 out.append((s, prefix, partner[0], objs[i + 1].colour))
                 break

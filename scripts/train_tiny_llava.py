@@ -178,12 +178,12 @@ def partner_caption(scene, rng, p: float) -> str:
     from mmtoken.world.scenes import PARTNER
     from mmtoken.world.tasks import caption_text
 
-    cats = scene.categories()
+    absent = scene.absent_partners()
     names = []
     for o in sorted(scene.objects, key=lambda o: o.cell):
         names.append(f"{o.colour} {o.shape}")
         partner = PARTNER.get(o.category)
-        if partner and partner not in cats and rng.random() < p:
+        if partner in absent and rng.random() < p:
             names.append(f"{partner[0]} {partner[1]}")
     return caption_text(names)
 
